@@ -173,7 +173,7 @@ def check_codes_and_scales(
             f"scale_e8m0 has shape {scale_e8m0.shape}, but codes of shape {codes.shape} blocked along "
             f"axis {layout.axis} by {block_size} need scales of shape {layout.scale_shape}"
         )
-    if codes.size and int(codes.max()) >= fmt.num_codes:
+    if fmt.num_codes < 256 and codes.size and int(codes.max()) >= fmt.num_codes:
         raise ValueError(
             f"code {int(codes.max())} does not fit {fmt.name} ({fmt.bits}-bit codes are below {fmt.num_codes}); "
             "were the codes packed, or produced for another format?"
