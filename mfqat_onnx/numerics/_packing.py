@@ -43,7 +43,16 @@ def _pack_rows(blocks: np.ndarray, bits: int, n_bytes: int) -> np.ndarray:
         for slot in range(per_byte):
             packed |= grouped[..., slot] << np.uint8(slot * bits)
         return packed
-    # General widths: expand to a bit stream and let packbits regroup it.
+    if block_size % 8 == 0:
+        # Eight b-bit codes fill exactly b bytes, so build one little-endian
+        # 64-bit word per eight codes and keep its low b bytes.
+        groups = blocks.reshape(rows, n_blocks, block_size // 8, 8).astype(np.uint64)
+        words = np.zeros(groups.shape[:-1], dtype="<u8")
+        for slot in range(8):
+            words |= groups[..., slot] << np.uint64(slot * bits)
+        packed_groups = words[..., None].view(np.uint8)[..., :bits]
+        return packed_groups.reshape(rows, n_blocks, n_bytes)
+    # Other block sizes: expand to a bit stream and let packbits regroup it.
     bit_index = np.arange(bits, dtype=np.uint8)
     stream = ((blocks[..., None] >> bit_index) & 1).astype(np.uint8)
     stream = stream.reshape(rows, n_blocks, block_size * bits)
@@ -63,6 +72,14 @@ def _unpack_rows(packed: np.ndarray, bits: int, block_size: int) -> np.ndarray:
         mask = np.uint8((1 << bits) - 1)
         slots = [(packed >> np.uint8(slot * bits)) & mask for slot in range(per_byte)]
         return np.stack(slots, axis=-1).reshape(rows, n_blocks, block_size)
+    if block_size % 8 == 0:
+        groups = packed.reshape(rows, n_blocks, block_size // 8, bits)
+        padded = np.zeros((*groups.shape[:-1], 8), dtype=np.uint8)
+        padded[..., :bits] = groups
+        words = padded.view("<u8")[..., 0]
+        mask = np.uint64((1 << bits) - 1)
+        slots = [(words >> np.uint64(slot * bits)) & mask for slot in range(8)]
+        return np.stack(slots, axis=-1).astype(np.uint8).reshape(rows, n_blocks, block_size)
     stream = np.unpackbits(packed, axis=-1, bitorder="little")[..., : block_size * bits]
     stream = stream.reshape(rows, n_blocks, block_size, bits)
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
