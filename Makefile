@@ -33,5 +33,11 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run_all.py
 
+kernels: $(STAMP)
+	$(PY) -m mfqat_onnx.runtime --build-kernels
+
+test-ort-oldest: $(STAMP)
+	bash custom_ops/test_oldest_ort.sh
+
 clean:
 	rm -rf $(VENV) build custom_ops/build .mfqat_cache

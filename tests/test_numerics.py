@@ -107,8 +107,11 @@ def test_powers_of_two_probe_scale_boundaries():
     above = np.nextafter(powers, np.float32(np.inf))
     below = np.nextafter(powers, np.float32(0))
     fmt = get_format("mxfp8_e4m3")
-    for probe, expected_log in ((powers, np.arange(-149, 128)), (above, np.arange(-149, 128)),
-                                (below[1:], np.arange(-148, 128) - 1)):
+    for probe, expected_log in (
+        (powers, np.arange(-149, 128)),
+        (above, np.arange(-149, 128)),
+        (below[1:], np.arange(-148, 128) - 1),
+    ):
         blocks = np.zeros((probe.size, 32), np.float32)
         blocks[:, 0] = probe
         _, scale = mx.quantize(blocks, fmt)
@@ -121,7 +124,10 @@ def _dequantize_linear_model(elem_type, shape, scale_shape, axis, block_size, op
     graph = helper.make_graph(
         [node],
         "dq",
-        [helper.make_tensor_value_info("x", elem_type, shape), helper.make_tensor_value_info("scale", TensorProto.FLOAT, scale_shape)],
+        [
+            helper.make_tensor_value_info("x", elem_type, shape),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, scale_shape),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -136,8 +142,12 @@ def _dequantize_linear_model(elem_type, shape, scale_shape, axis, block_size, op
         ("mxfp4_e2m1", TensorProto.FLOAT4E2M1, ml_dtypes.float4_e2m1fn, 23),
     ],
 )
-@pytest.mark.parametrize(("shape", "axis", "block_size"), [((6, 96), 1, 32), ((40, 5), 0, 16), ((4, 64, 3, 3), 1, 32)])
-def test_dequantize_matches_onnx_blocked_dequantize_linear(name, elem_type, dtype, opset, shape, axis, block_size):
+@pytest.mark.parametrize(
+    ("shape", "axis", "block_size"), [((6, 96), 1, 32), ((40, 5), 0, 16), ((4, 64, 3, 3), 1, 32)]
+)
+def test_dequantize_matches_onnx_blocked_dequantize_linear(
+    name, elem_type, dtype, opset, shape, axis, block_size
+):
     rng = np.random.default_rng(21)
     x = random_tensor(rng, shape, spread=10.0)
     codes, scale = mx.quantize(x, name, axis=axis, block_size=block_size)
@@ -235,7 +245,12 @@ def test_slice_and_scale_equals_requantizing(anchor, target, rule):
 def test_slice_and_scale_identity_random_shapes(seed, rows, length, block_size, log_scale):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((rows, length)) * np.exp2(log_scale)).astype(np.float32)
-    for anchor, target in (("mxint8", "mxint4"), ("mxint8", "mxint2"), ("mxfp8_e4m3", "mxfp4_e2m1"), ("mxfp8_e4m3", "mxfp6_e3m2")):
+    for anchor, target in (
+        ("mxint8", "mxint4"),
+        ("mxint8", "mxint2"),
+        ("mxfp8_e4m3", "mxfp4_e2m1"),
+        ("mxfp8_e4m3", "mxfp6_e3m2"),
+    ):
         codes, scale = mx.quantize(x, anchor, block_size=block_size)
         got = mx.slice_and_scale(codes, scale, anchor, target, block_size=block_size)
         expected = mx.requantize(codes, scale, anchor, target, block_size=block_size)
@@ -318,24 +333,54 @@ def test_quantize_dequantize_is_idempotent():
     x = random_tensor(rng, (16, 96), 20.0)
     for name in ALL_FORMATS:
         once = mx.quantize_dequantize(x, name)
-        np.testing.assert_array_equal(bits_of(mx.quantize_dequantize(once, name)), bits_of(once), err_msg=name)
+        np.testing.assert_array_equal(
+            bits_of(mx.quantize_dequantize(once, name)), bits_of(once), err_msg=name
+        )
 
 
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
         (lambda: mx.quantize(np.ones(4, np.float32), "mxfp5"), ValueError, "unknown MX format 'mxfp5'"),
-        (lambda: mx.quantize(np.ones(4, np.float32), "mxint8", block_size=0), ValueError, "block_size must be a positive integer, got 0"),
+        (
+            lambda: mx.quantize(np.ones(4, np.float32), "mxint8", block_size=0),
+            ValueError,
+            "block_size must be a positive integer, got 0",
+        ),
         (lambda: mx.quantize(np.ones(4, np.float32), "mxint8", block_size=-3), ValueError, "got -3"),
-        (lambda: mx.quantize(np.ones((2, 4), np.float32), "mxint8", axis=2), ValueError, "axis 2 is out of range for a tensor of rank 2"),
+        (
+            lambda: mx.quantize(np.ones((2, 4), np.float32), "mxint8", axis=2),
+            ValueError,
+            "axis 2 is out of range for a tensor of rank 2",
+        ),
         (lambda: mx.quantize(np.ones(4, np.int32), "mxint8"), TypeError, "got dtype int32"),
         (lambda: mx.quantize(np.ones(4, np.complex64), "mxint8"), TypeError, "got dtype complex64"),
         (lambda: mx.quantize(np.ones(4, np.float64), "mxint8"), TypeError, "got dtype float64"),
-        (lambda: mx.quantize(np.ones(4, np.float32), "mxint8", scale_rule="ceil"), ValueError, "unknown scale rule 'ceil'"),
-        (lambda: mx.unpack_codes(np.zeros(10, np.uint8), "mxfp4", axis_length=32), ValueError, "have 10 bytes along axis 0, but 32 elements"),
-        (lambda: mx.dequantize(np.zeros(32, np.uint8), np.zeros(2, np.uint8), "mxint8"), ValueError, r"scale_e8m0 has shape \(2,\)"),
-        (lambda: mx.dequantize(np.full(32, 16, np.uint8), np.zeros(1, np.uint8), "mxfp4"), ValueError, "code 16 does not fit mxfp4_e2m1"),
-        (lambda: mx.dequantize(np.zeros(32, np.int8), np.zeros(1, np.uint8), "mxint8"), TypeError, "codes must be uint8"),
+        (
+            lambda: mx.quantize(np.ones(4, np.float32), "mxint8", scale_rule="ceil"),
+            ValueError,
+            "unknown scale rule 'ceil'",
+        ),
+        (
+            lambda: mx.unpack_codes(np.zeros(10, np.uint8), "mxfp4", axis_length=32),
+            ValueError,
+            "have 10 bytes along axis 0, but 32 elements",
+        ),
+        (
+            lambda: mx.dequantize(np.zeros(32, np.uint8), np.zeros(2, np.uint8), "mxint8"),
+            ValueError,
+            r"scale_e8m0 has shape \(2,\)",
+        ),
+        (
+            lambda: mx.dequantize(np.full(32, 16, np.uint8), np.zeros(1, np.uint8), "mxfp4"),
+            ValueError,
+            "code 16 does not fit mxfp4_e2m1",
+        ),
+        (
+            lambda: mx.dequantize(np.zeros(32, np.int8), np.zeros(1, np.uint8), "mxint8"),
+            TypeError,
+            "codes must be uint8",
+        ),
     ],
 )
 def test_bad_input_errors(call, error, match):

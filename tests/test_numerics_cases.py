@@ -24,14 +24,76 @@ def bits_of(a):
 def test_e4m3_block_max_above_448x_saturates():
     # 957 with X = 2 is 478.5 > 448, so it must clamp to 448 * 2 = 896; 864/2 = 432 is a tie to 448.
     x = np.array(
-        [957, 957, 902.4, 960, 832, 291.7882, -124.8256, 783.546, 927.3255, -233.117, 583.4501, 57.7898,
-         136.0891, 851.1933, -857.9279, -825.7414, -959.5632, 665.2397, 556.3135, 740.0243, 957.2367,
-         598.3171, -77.0413, 561.0583, -763.4512, 279.842, -713.2934, 889.3378, 43.6966, -170.6761,
-         -470.8888, 548.4674],
+        [
+            957,
+            957,
+            902.4,
+            960,
+            832,
+            291.7882,
+            -124.8256,
+            783.546,
+            927.3255,
+            -233.117,
+            583.4501,
+            57.7898,
+            136.0891,
+            851.1933,
+            -857.9279,
+            -825.7414,
+            -959.5632,
+            665.2397,
+            556.3135,
+            740.0243,
+            957.2367,
+            598.3171,
+            -77.0413,
+            561.0583,
+            -763.4512,
+            279.842,
+            -713.2934,
+            889.3378,
+            43.6966,
+            -170.6761,
+            -470.8888,
+            548.4674,
+        ],
         dtype=np.float32,
     )
-    expected = [896, 896, 896, 896, 832, 288, -128, 768, 896, -240, 576, 56, 144, 832, -832, -832, -896, 640,
-                576, 768, 896, 576, -80, 576, -768, 288, -704, 896, 44, -176, -480, 576]
+    expected = [
+        896,
+        896,
+        896,
+        896,
+        832,
+        288,
+        -128,
+        768,
+        896,
+        -240,
+        576,
+        56,
+        144,
+        832,
+        -832,
+        -832,
+        -896,
+        640,
+        576,
+        768,
+        896,
+        576,
+        -80,
+        576,
+        -768,
+        288,
+        -704,
+        896,
+        44,
+        -176,
+        -480,
+        576,
+    ]
     codes, scale = mx.quantize(x, "mxfp8_e4m3")
     assert scale.tolist() == [128]
     np.testing.assert_array_equal(mx.dequantize(codes, scale, "mxfp8_e4m3"), np.float32(expected))
@@ -74,7 +136,9 @@ def test_fp4_sticky_bits_past_midpoint():
     just_above = np.uint32(0x3E800002).view(np.float32)
     codes, scale = mx.quantize(block([6.0, just_above, 0.25, -just_above]), "mxfp4_e2m1")
     assert scale.tolist() == [127]
-    np.testing.assert_array_equal(mx.dequantize(codes, scale, "mxfp4_e2m1")[:4], np.float32([6, 0.5, 0, -0.5]))
+    np.testing.assert_array_equal(
+        mx.dequantize(codes, scale, "mxfp4_e2m1")[:4], np.float32([6, 0.5, 0, -0.5])
+    )
 
 
 def test_e4m3_sticky_bits_past_midpoint():
@@ -116,7 +180,9 @@ def test_mxint8_negative_power_of_two_max():
     np.testing.assert_array_equal(mx.dequantize(codes, scale, "mxint8")[:3], np.float32([-2.0, 1.0, 0.0]))
 
 
-@pytest.mark.parametrize(("fmt", "expected"), [("mxint6", [1.9375, 1.0, 0.5, 0.375]), ("mxint4", [1.75, 1.0, 0.5, 0.5])])
+@pytest.mark.parametrize(
+    ("fmt", "expected"), [("mxint6", [1.9375, 1.0, 0.5, 0.375]), ("mxint4", [1.75, 1.0, 0.5, 0.5])]
+)
 def test_mxint_narrow_widths(fmt, expected):
     codes, scale = mx.quantize(block([1.999, 1.0, 0.53125, 0.375]), fmt)
     assert scale.tolist() == [127]
@@ -143,7 +209,9 @@ def test_scale_rules_floor_and_rceil(amax, rule, byte, value):
 
 def test_default_scale_rule_is_floor():
     x = block([1.9])
-    np.testing.assert_array_equal(mx.quantize(x, "mxfp8_e4m3")[1], mx.quantize(x, "mxfp8_e4m3", scale_rule="floor")[1])
+    np.testing.assert_array_equal(
+        mx.quantize(x, "mxfp8_e4m3")[1], mx.quantize(x, "mxfp8_e4m3", scale_rule="floor")[1]
+    )
 
 
 def test_e8m0_round_up_uses_every_mantissa_bit():

@@ -1,0 +1,5 @@
+"""Entry point of ``python -m mfqat_onnx.runtime``."""
+
+from mfqat_onnx.runtime._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""``python -m mfqat_onnx.runtime``: run a model once on given or random inputs and time it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mfqat_onnx.runtime._build import KernelBuildError, build_kernels
+from mfqat_onnx.runtime._session import MXSession, open_session
+
+# ONNX Runtime type strings of the input dtypes the CLI can make up.
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+# Random integer inputs stay below this, so they are valid indices for any
+# embedding table with at least this many rows.
+_RANDOM_INT_HIGH = 10
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mfqat_onnx.runtime",
+        description="Run an mfqat ONNX model in ONNX Runtime on given or random inputs, "
+        "print an output summary, the execution path and the timing.",
+    )
+    parser.add_argument("model", nargs="?", type=Path, help="ONNX model file")
+    parser.add_argument("--format", help="retarget the model to this MX format in memory first, e.g. mxfp4")
+    parser.add_argument(
+        "--kernels",
+        choices=("auto", "native", "functions"),
+        default="auto",
+        help="native kernel library or the ONNX function bodies (default: auto, the library when built)",
+    )
+    parser.add_argument(
+        "--prefer",
+        choices=("speed", "memory"),
+        default="speed",
+        help="fold constant weights to fp32 (speed) or keep them MX-packed (memory); default: speed",
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="value of one model input; repeat for several. Inputs not given are random.",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="size of a dynamic first dimension (default 1)")
+    parser.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="size of a named dynamic dimension; other dynamic dimensions are 1",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=10, help="timed runs after one warm-up run (default 10)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--build-kernels", action="store_true", help="build the kernel library first")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return parser
+
+
+def _parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} expects NAME=VALUE, got {pair!r}")
+        parsed[name] = value
+    return parsed
+
+
+def _input_shape(
+    dims: Sequence[object], batch: int, named: dict[str, int], defaulted: set[str]
+) -> tuple[int, ...]:
+    """Resolve dynamic dimensions; add the names of those set to 1 by default to ``defaulted``."""
+    shape = []
+    for position, dim in enumerate(dims):
+        if isinstance(dim, int) and dim >= 0:
+            shape.append(dim)
+        elif isinstance(dim, str) and dim in named:
+            shape.append(named[dim])
+        elif position == 0:
+            shape.append(batch)
+        else:
+            shape.append(1)
+            defaulted.add(str(dim))
+    return tuple(shape)
+
+
+def make_inputs(
+    session: MXSession,
+    given: dict[str, Path],
+    *,
+    batch: int,
+    named_dims: dict[str, int],
+    seed: int,
+    defaulted: set[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Load the given inputs and make seeded random ones for the rest.
+
+    Dynamic dimensions are ``batch`` in first place, ``named_dims`` by name,
+    and 1 otherwise; the names set to 1 are added to ``defaulted``.
+
+    Raises:
+        ValueError: A name is not a model input, or a dtype is not supported or does not match.
+    """
+    inputs = {meta.name: meta for meta in session.get_inputs()}
+    unknown = sorted(set(given) - set(inputs))
+    if unknown:
+        raise ValueError(f"--input names {unknown} are not model inputs; the inputs are {sorted(inputs)}")
+
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name, meta in inputs.items():
+        dtype = _NUMPY_TYPES.get(meta.type)
+        if name in given:
+            array = np.load(given[name], allow_pickle=False)
+            if dtype is not None and array.dtype != dtype:
+                raise ValueError(
+                    f"input {name!r} from {given[name]} has dtype {array.dtype}, the model expects "
+                    f"{np.dtype(dtype)}; save the array with that dtype"
+                )
+            feed[name] = array
+            continue
+        if dtype is None:
+            raise ValueError(
+                f"cannot make a random value for input {name!r} of type {meta.type}; pass --input"
+            )
+        shape = _input_shape(meta.shape, batch, named_dims, defaulted if defaulted is not None else set())
+        if np.issubdtype(dtype, np.floating):
+            feed[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feed[name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feed[name] = rng.integers(0, _RANDOM_INT_HIGH, shape).astype(dtype)
+    return feed
+
+
+def _summary_rows(names: Sequence[str], outputs: Sequence[object]) -> list[tuple[str, ...]]:
+    rows = []
+    for name, value in zip(names, outputs, strict=True):
+        array = np.asarray(value)
+        if array.size and np.issubdtype(array.dtype, np.number):
+            finite = array[np.isfinite(array)] if np.issubdtype(array.dtype, np.floating) else array
+            low = f"{finite.min():.6g}" if finite.size else "-"
+            high = f"{finite.max():.6g}" if finite.size else "-"
+            mean = f"{finite.astype(np.float64).mean():.6g}" if finite.size else "-"
+            nan = str(int(np.isnan(array).sum())) if np.issubdtype(array.dtype, np.floating) else "0"
+        else:
+            low = high = mean = nan = "-"
+        rows.append((name, str(list(array.shape)), str(array.dtype), low, high, mean, nan))
+    return rows
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, tuple("-" * w for w in widths), *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Open the session, run it and print the report; return the exit code."""
+    start = time.perf_counter()
+    session = open_session(args.model, format=args.format, kernels=args.kernels, prefer=args.prefer)
+    open_s = time.perf_counter() - start
+
+    given = {name: Path(value) for name, value in _parse_pairs(args.input, "--input").items()}
+    named_dims = {name: int(value) for name, value in _parse_pairs(args.dim, "--dim").items()}
+    defaulted: set[str] = set()
+    feed = make_inputs(
+        session, given, batch=args.batch, named_dims=named_dims, seed=args.seed, defaulted=defaulted
+    )
+
+    print(f"model           {args.model}" + (f" (retargeted to {args.format})" if args.format else ""))
+    print(
+        f"execution path  {session.execution_path}"
+        + (f" ({session.kernel_library})" if session.kernel_library else "")
+    )
+    print(
+        f"weight storage  {session.weight_storage}"
+        + (f", {session.folded_weights} weights folded" if session.folded_weights else "")
+    )
+    print("inputs          " + ", ".join(f"{name} {list(v.shape)} {v.dtype}" for name, v in feed.items()))
+    if defaulted:
+        print(
+            f"                dynamic dimensions set to 1: {', '.join(sorted(defaulted))} (set with --dim NAME=N)"
+        )
+    sys.stdout.flush()
+
+    start = time.perf_counter()
+    outputs = session.run(None, feed)
+    first_ms = (time.perf_counter() - start) * 1e3
+    times_ms = []
+    for _ in tqdm(range(args.repeat), desc="timed runs", leave=False, disable=args.repeat < 50):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+
+    print()
+    names = [meta.name for meta in session.get_outputs()]
+    _print_table(("output", "shape", "dtype", "min", "max", "mean", "NaN"), _summary_rows(names, outputs))
+    print()
+    timing = [("open session", f"{open_s * 1e3:.2f}"), ("first run", f"{first_ms:.3f}")]
+    if times_ms:
+        timing += [
+            (f"median of {len(times_ms)}", f"{statistics.median(times_ms):.3f}"),
+            (f"min of {len(times_ms)}", f"{min(times_ms):.3f}"),
+        ]
+    _print_table(("timing", "ms"), timing)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    if args.batch < 1 or args.repeat < 0:
+        parser.error("--batch must be at least 1 and --repeat at least 0")
+    if args.build_kernels:
+        try:
+            print(f"kernel library  {build_kernels()}")
+        except KernelBuildError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        if args.model is None:
+            return 0
+    if args.model is None:
+        parser.error("MODEL is required unless --build-kernels is given")
+    try:
+        return run(args)
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        print(f"error: {error}", file=sys.stderr)
+        return 1
