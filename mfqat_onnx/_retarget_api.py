@@ -258,9 +258,16 @@ def _resolve_activation_format(name: str | None) -> MXFormat | None:
 
 
 def default_output_path(path: str | os.PathLike[str], target: str) -> Path:
-    """Return ``<stem>.<target>.onnx`` beside ``path`` (``model.onnx`` -> ``model.mxfp4.onnx``)."""
+    """Return ``<stem>.<target>.onnx`` beside ``path`` (``model.onnx`` -> ``model.mxfp4.onnx``).
+
+    A format suffix already in the name is replaced rather than stacked, so
+    ``digits.mxint8.onnx`` becomes ``digits.mxint4.onnx``.
+    """
     path = Path(path)
     stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.name
+    base, _, suffix = stem.rpartition(".")
+    if base and suffix.lower() in list_formats():
+        stem = base
     return path.with_name(f"{stem}.{target.strip().lower()}.onnx")
 
 

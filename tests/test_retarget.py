@@ -761,7 +761,7 @@ def test_cli_allow_lowbit_source(tmp_path, anchors):
     onnx.save(derived_model(anchors), tmp_path / "model.mxint4.onnx")
     assert main([str(tmp_path / "model.mxint4.onnx"), "--format", "mxint2"]) == 2
     assert main([str(tmp_path / "model.mxint4.onnx"), "--format", "mxint2", "--allow-lowbit-source"]) == 0
-    assert (tmp_path / "model.mxint4.mxint2.onnx").is_file()
+    assert (tmp_path / "model.mxint2.onnx").is_file()
 
 
 def test_cli_module_entry_point(anchor_file):
@@ -782,3 +782,11 @@ def test_cli_module_entry_point(anchor_file):
     )
     assert failed.returncode == 2
     assert "unknown target format 'mxfp3'" in failed.stderr
+
+
+def test_default_output_replaces_format_suffix(tmp_path):
+    from mfqat_onnx._retarget_api import default_output_path
+
+    assert default_output_path(tmp_path / "digits.mxint8.onnx", "mxint4") == tmp_path / "digits.mxint4.onnx"
+    assert default_output_path(tmp_path / "model.onnx", "mxfp4") == tmp_path / "model.mxfp4.onnx"
+    assert default_output_path(tmp_path / "v1.2.onnx", "mxint4") == tmp_path / "v1.2.mxint4.onnx"
