@@ -17,6 +17,8 @@ are not part of the OCP MX v1.0 specification.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Literal
 
 __all__ = [
@@ -85,6 +87,41 @@ class MXFormat:
     def num_codes(self) -> int:
         """Number of distinct element codes, ``2**bits``."""
         return 1 << self.bits
+
+    def code_values(self) -> tuple[float, ...]:
+        """Return the value at scale 1 of every code ``0 .. 2**bits - 1``.
+
+        Float codes decode as ``2^(1-bias) * m / 2^mbits`` when the exponent
+        field is 0 and ``2^(e-bias) * (1 + m / 2^mbits)`` otherwise; codes above
+        ``max_normal`` are the specials (Inf for a zero mantissa when the format
+        has Inf, NaN otherwise). Negative codes keep their sign, so the E4M3
+        code 0xFF is a NaN with the sign bit set. Integer codes are two's
+        complement ``k * 2^-mbits``.
+        """
+        return _code_values(self)
+
+
+@functools.cache
+def _code_values(fmt: MXFormat) -> tuple[float, ...]:
+    if not fmt.is_float:
+        half = fmt.num_codes // 2
+        return tuple((code - fmt.num_codes if code >= half else code) * 2.0**-fmt.mbits for code in range(fmt.num_codes))
+
+    exponent_mask = (1 << fmt.ebits) - 1
+    mantissa_mask = (1 << fmt.mbits) - 1
+    values = []
+    for code in range(fmt.num_codes):
+        exponent_field = (code >> fmt.mbits) & exponent_mask
+        mantissa = code & mantissa_mask
+        if exponent_field == 0:
+            magnitude = mantissa * fmt.min_subnormal
+        else:
+            magnitude = (1.0 + mantissa / (1 << fmt.mbits)) * 2.0 ** (exponent_field - fmt.bias)
+        if magnitude > fmt.max_normal:
+            magnitude = math.inf if fmt.has_inf and mantissa == 0 else math.nan
+        # Negation flips the sign bit even of NaN.
+        values.append(-magnitude if code >> (fmt.bits - 1) else magnitude)
+    return tuple(values)
 
 
 def _float_format(name: str, ebits: int, mbits: int, *, ieee_special: bool, nan_only: bool) -> MXFormat:

@@ -37,29 +37,7 @@ def floor_log2(a: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _decode_table_cached(name: str) -> np.ndarray:
-    fmt = get_format(name)
-    codes = np.arange(fmt.num_codes, dtype=np.int64)
-    if not fmt.is_float:
-        signed = np.where(codes >= fmt.num_codes // 2, codes - fmt.num_codes, codes)
-        table = np.ldexp(signed.astype(np.float64), -fmt.mbits)
-    else:
-        sign = (codes >> (fmt.bits - 1)) & 1
-        exp_field = (codes >> fmt.mbits) & ((1 << fmt.ebits) - 1)
-        mantissa = codes & ((1 << fmt.mbits) - 1)
-        subnormal = np.ldexp(mantissa.astype(np.float64), 1 - fmt.bias - fmt.mbits)
-        normal = np.ldexp(1.0 + mantissa / (1 << fmt.mbits), exp_field - fmt.bias)
-        magnitude = np.where(exp_field == 0, subnormal, normal)
-        top_exp = (1 << fmt.ebits) - 1
-        if fmt.has_inf:
-            # IEEE-style special values: the whole top exponent is reserved.
-            magnitude = np.where((exp_field == top_exp) & (mantissa == 0), np.inf, magnitude)
-            magnitude = np.where((exp_field == top_exp) & (mantissa != 0), np.nan, magnitude)
-        elif fmt.has_nan:
-            # "fn" layout: only the all-ones magnitude is NaN.
-            nan_code = (1 << (fmt.bits - 1)) - 1
-            magnitude = np.where((codes & nan_code) == nan_code, np.nan, magnitude)
-        table = np.where(sign == 1, -magnitude, magnitude)
-    table = table.astype(np.float32)
+    table = np.array(get_format(name).code_values(), dtype=np.float32)
     table.setflags(write=False)
     return table
 

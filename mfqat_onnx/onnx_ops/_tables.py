@@ -77,29 +77,7 @@ class FormatTables:
 
 def element_values(fmt: MXFormat) -> np.ndarray:
     """Return the float32 value at scale 1 of each of the ``2**bits`` codes of ``fmt``."""
-    codes = np.arange(fmt.num_codes, dtype=np.int64)
-    if not fmt.is_float:
-        signed = np.where(codes >= fmt.num_codes // 2, codes - fmt.num_codes, codes)
-        return np.ldexp(signed.astype(np.float64), -fmt.mbits).astype(np.float32)
-
-    sign = (codes >> (fmt.bits - 1)) & 1
-    exponent_field = (codes >> fmt.mbits) & ((1 << fmt.ebits) - 1)
-    mantissa = codes & ((1 << fmt.mbits) - 1)
-    emin = 1 - fmt.bias
-    subnormal = np.ldexp(mantissa.astype(np.float64), emin - fmt.mbits)
-    normal = np.ldexp(1.0 + mantissa / (1 << fmt.mbits), exponent_field - fmt.bias)
-    magnitude = np.where(exponent_field == 0, subnormal, normal)
-
-    top_field = (1 << fmt.ebits) - 1
-    if fmt.has_inf:
-        # IEEE layout: the top exponent field encodes Inf (mantissa 0) and NaN.
-        magnitude = np.where((exponent_field == top_field) & (mantissa == 0), np.inf, magnitude)
-        magnitude = np.where((exponent_field == top_field) & (mantissa != 0), np.nan, magnitude)
-    elif fmt.has_nan:
-        # "fn" layout: only the all-ones magnitude is NaN.
-        nan_magnitude = (1 << (fmt.bits - 1)) - 1
-        magnitude = np.where((codes & nan_magnitude) == nan_magnitude, np.nan, magnitude)
-    return np.where(sign == 1, -magnitude, magnitude).astype(np.float32)
+    return np.array(fmt.code_values(), dtype=np.float32)
 
 
 def _max_code_magnitude(fmt: MXFormat, values: np.ndarray) -> int:

@@ -78,36 +78,6 @@ def encode_elements(values: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
 
 
 @functools.cache
-def _decode_values(fmt: MXFormat) -> tuple[float, ...]:
-    """Return the value of every code at scale 1, as Python floats."""
-    if not fmt.is_float:
-        half = fmt.num_codes // 2
-        return tuple(
-            (code - fmt.num_codes if code >= half else code) * 2.0**-fmt.mbits
-            for code in range(fmt.num_codes)
-        )
-
-    exp_mask = (1 << fmt.ebits) - 1
-    mant_mask = (1 << fmt.mbits) - 1
-    values = []
-    for code in range(fmt.num_codes):
-        exp_field = (code >> fmt.mbits) & exp_mask
-        mant = code & mant_mask
-        if exp_field == 0:
-            magnitude = mant * fmt.min_subnormal
-        else:
-            magnitude = (1.0 + mant / (1 << fmt.mbits)) * 2.0 ** (exp_field - fmt.bias)
-
-        # Codes above max_normal are the specials: with has_inf the top exponent
-        # is reserved IEEE style (mantissa 0 is Inf), otherwise the NaN-only
-        # layout uses just the all-ones code.
-        if magnitude > fmt.max_normal:
-            magnitude = float("inf") if fmt.has_inf and mant == 0 else float("nan")
-        # Negation flips the sign bit even of NaN, so the 0xFF code of E4M3 is -NaN.
-        values.append(-magnitude if code >> (fmt.bits - 1) else magnitude)
-    return tuple(values)
-
-
 def decode_table(fmt: MXFormat, device: torch.device | str | None = None) -> torch.Tensor:
     """Return float32 ``[2**bits]``: the value of every code at scale 1."""
-    return torch.tensor(_decode_values(fmt), dtype=torch.float32, device=device)
+    return torch.tensor(fmt.code_values(), dtype=torch.float32, device=device)
