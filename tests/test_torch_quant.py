@@ -641,3 +641,22 @@ def test_dequantize_rejects_mismatched_inputs():
         dequantize_mx(codes | 0x10, scales, "mxfp4")
     with pytest.raises(TypeError, match="uint8"):
         dequantize_mx(codes.int(), scales, "mxfp4")
+
+
+@pytest.mark.parametrize(("fmt", "anchor"), [("mxint4", "mxint8"), ("mxfp4_e2m1", "mxfp8_e4m3"), ("mxint8", None)])
+def test_training_op_matches_recomputed_mask(fmt, anchor):
+    # The training path returns the STE mask from the forward pass; it must give the same output
+    # and gradient as the export op, whose backward recomputes the mask.
+    torch.manual_seed(0)
+    x = torch.randn(6, 80) * torch.logspace(-3, 3, 80)
+    x[:, 0] = 1.999  # saturates in every format, so the mask has zeros
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(6, 80)
+    out = fake_quantize(x, fmt, anchor=anchor)
+    out.backward(grad)
+    out_ref = torch.ops.mfqat.fake_quantize(x_ref, get_format(fmt).name, -1, 32, "floor", None if anchor is None else get_format(anchor).name)
+    out_ref.backward(grad)
+    assert torch.equal(out.detach().view(torch.int32), out_ref.detach().view(torch.int32))
+    assert torch.equal(x.grad, x_ref.grad)
+    assert (x.grad == 0).any()

@@ -95,7 +95,10 @@ def fake_quantize_blocks(
     blocks: torch.Tensor, fmt: MXFormat, scale_rule: str, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Quantize-dequantize blocks; returns a new tensor of the same shape in ``dtype``."""
-    scales = compute_block_scales(blocks, fmt, scale_rule)
+    return _decode_rounded(blocks, compute_block_scales(blocks, fmt, scale_rule), fmt, dtype)
+
+
+def _decode_rounded(blocks: torch.Tensor, scales: BlockScales, fmt: MXFormat, dtype: torch.dtype) -> torch.Tensor:
     values = round_blocks(blocks, scales, fmt).mul_(scales.scale.unsqueeze(-1)).to(dtype)
 
     # NaN goes in after the cast because torch 2.13 on CPU turns float32 NaN
@@ -157,9 +160,41 @@ def ste_mask(
 
 
 def _inside_range(blocks: torch.Tensor, fmt: MXFormat, scale_rule: str) -> torch.Tensor:
-    scales = compute_block_scales(blocks, fmt, scale_rule)
+    return _inside_scales(blocks, compute_block_scales(blocks, fmt, scale_rule), fmt)
+
+
+def _inside_scales(blocks: torch.Tensor, scales: BlockScales, fmt: MXFormat) -> torch.Tensor:
     bound = scales.scale * fmt.max_normal
     return blocks.abs() <= bound.unsqueeze(-1)
+
+
+def fake_quantize_with_mask(
+    x: torch.Tensor,
+    fmt: MXFormat,
+    *,
+    axis: int,
+    block_size: int,
+    scale_rule: str,
+    anchor: MXFormat | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``fake_quantize_tensor(x, ...)`` and ``ste_mask(x, ...)`` from one pass.
+
+    Training needs both; computing the block scales once for each stage saves
+    the second quantization that recomputing the mask in backward would cost.
+    """
+    layout = _blocks.make_layout(x.shape, axis, block_size)
+    blocks = _blocks.to_blocks(x, layout)
+    inside = None
+    if anchor is not None:
+        scales = compute_block_scales(blocks, anchor, scale_rule)
+        inside = _inside_scales(blocks, scales, anchor)
+        blocks = _decode_rounded(blocks, scales, anchor, torch.float32)
+        scale_rule = "floor"
+    scales = compute_block_scales(blocks, fmt, scale_rule)
+    target_inside = _inside_scales(blocks, scales, fmt)
+    inside = target_inside if inside is None else inside & target_inside
+    out = _decode_rounded(blocks, scales, fmt, x.dtype)
+    return _blocks.from_blocks(out, layout), _blocks.from_blocks(inside, layout)
 
 
 def quantize_mx(

@@ -89,6 +89,46 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
 _fake_quantize_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("mfqat::fake_quantize_with_mask", mutates_args=())
+def _fake_quantize_with_mask_op(
+    x: torch.Tensor,
+    fmt: str,
+    axis: int,
+    block_size: int,
+    scale_rule: str,
+    anchor: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    anchor_fmt = None if anchor is None else get_format(anchor)
+    return _mx.fake_quantize_with_mask(
+        x, get_format(fmt), axis=axis, block_size=block_size, scale_rule=scale_rule, anchor=anchor_fmt
+    )
+
+
+@_fake_quantize_with_mask_op.register_fake
+def _fake_quantize_with_mask_fake(
+    x: torch.Tensor,
+    fmt: str,
+    axis: int,
+    block_size: int,
+    scale_rule: str,
+    anchor: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bool)
+
+
+def _setup_context_with_mask(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.option_count = len(inputs) - 1
+
+
+def _backward_with_mask(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _mask_grad: None) -> tuple:
+    (inside,) = ctx.saved_tensors
+    return (torch.where(inside, grad, 0), *(None for _ in range(ctx.option_count)))
+
+
+_fake_quantize_with_mask_op.register_autograd(_backward_with_mask, setup_context=_setup_context_with_mask)
+
+
 def _resolve_format(fmt: str | MXFormat, role: str) -> MXFormat:
     resolved = get_format(fmt)
     if FORMATS.get(resolved.name) != resolved:
@@ -156,4 +196,9 @@ def fake_quantize(
     _blocks.normalize_axis(axis, x.dim())
     _blocks.check_block_size(block_size)
     anchor_name = None if anchor_fmt is None else anchor_fmt.name
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_exporting():
+        # Training: the mask comes out of the forward pass, so backward does
+        # not quantize again. Exported graphs keep the single-output op.
+        out, _ = torch.ops.mfqat.fake_quantize_with_mask(x, target.name, axis, block_size, scale_rule, anchor_name)
+        return out
     return torch.ops.mfqat.fake_quantize(x, target.name, axis, block_size, scale_rule, anchor_name)
