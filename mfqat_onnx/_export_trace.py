@@ -10,8 +10,10 @@ computes. The weight pairs are folded into packed initializers afterwards (see
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
@@ -90,6 +92,25 @@ def _export_error_in_chain(error: BaseException) -> ExportError | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence exporter messages that say nothing about the user's model.
+
+    torch 2.13 logs one warning per torchvision op it cannot register when
+    torchvision is missing, and warns that ``LeafSpec`` is deprecated while
+    it pickles its own tree specs.
+    """
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def trace_model(
     model: nn.Module,
     example_inputs: tuple[Any, ...],
@@ -107,18 +128,19 @@ def trace_model(
     """
     onnx_ops.register_schemas()
     try:
-        program = torch.onnx.export(
-            model,
-            example_inputs,
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(input_names) if input_names is not None else None,
-            output_names=list(output_names) if output_names is not None else None,
-            dynamic_shapes=dynamic_shapes,
-            custom_translation_table={torch.ops.mfqat.fake_quantize.default: _translate_fake_quantize},
-            optimize=True,
-            verbose=False,
-        )
+        with quiet_exporter():
+            program = torch.onnx.export(
+                model,
+                example_inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(input_names) if input_names is not None else None,
+                output_names=list(output_names) if output_names is not None else None,
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table={torch.ops.mfqat.fake_quantize.default: _translate_fake_quantize},
+                optimize=True,
+                verbose=False,
+            )
     except Exception as error:
         ours = _export_error_in_chain(error)
         if ours is not None:

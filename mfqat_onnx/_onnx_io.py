@@ -533,7 +533,7 @@ def _check_writable(target: Path, protected: list[Path], *, force: bool) -> None
             )
     if os.path.lexists(target) and not force:
         raise OutputExistsError(
-            f"output file {str(target)!r} already exists; pass --force (force=True) to replace it"
+            f"output file {str(target)!r} already exists; pass --force (force=True from Python) to replace it"
         )
 
 

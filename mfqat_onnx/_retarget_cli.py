@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--layers",
-        nargs="+",
+        action="append",
         default=[],
         metavar="PATTERN=FORMAT",
-        help="mixed precision: weights whose name matches the glob PATTERN get FORMAT (first match wins)",
+        help="mixed precision: weights whose name matches the glob PATTERN get FORMAT; repeat the option "
+        "for several patterns (first match wins)",
     )
     parser.add_argument("--activations", metavar="FORMAT", help="format of the activation quantizers")
     parser.add_argument(

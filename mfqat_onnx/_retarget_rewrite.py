@@ -339,7 +339,7 @@ def _check_conversion(
         raise DerivedSourceError(
             f"weight {site.name!r} is stored in {stored.name}, already derived from the {anchor.name} anchor; "
             f"converting it again to {target.name} rounds twice and loses accuracy. Retarget the anchor "
-            "file instead, or pass --allow-lowbit-source (allow_requantize_lowbit=True) to do it anyway"
+            "file instead, or pass --allow-lowbit-source (allow_requantize_lowbit=True from Python) to do it anyway"
         )
 
 

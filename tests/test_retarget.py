@@ -713,7 +713,7 @@ def test_cli_all_stops_before_writing_when_one_exists(anchor_file, capsys):
 def test_cli_layers_and_activations(tmp_path, capsys):
     model = build_anchor_model(anchor_weights("mxint8"), "mxint8", activations="mxint8")
     onnx.save(model, tmp_path / "model.onnx")
-    argv = [str(tmp_path / "model.onnx"), "--format", "mxint8", "--layers", "fc*=mxint4", "conv=mxint2"]
+    argv = [str(tmp_path / "model.onnx"), "--format", "mxint8", "--layers", "fc*=mxint4", "--layers", "conv=mxint2"]
     assert main([*argv, "--activations", "mxint6", "-o", str(tmp_path / "mixed.onnx"), "-v"]) == 0
     out = onnx.load(tmp_path / "mixed.onnx")
     assert json.loads(metadata(out)["mfqat.weights"]) == {"fc1": "mxint4", "conv": "mxint2", "head": "mxint8"}

@@ -384,3 +384,17 @@ def test_cli_reports_bad_input(anchor, tmp_path, capsys):
     assert "--input names ['nope'] are not model inputs" in capsys.readouterr().err
     assert main([str(path), "--input", f"fc.input={tmp_path / 'x.npy'}"]) == 1
     assert "has dtype float64, the model expects float32" in capsys.readouterr().err
+
+
+def test_plain_model_reports_plain_path():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node], "plain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    session = open_session(model)
+    assert session.execution_path == "plain"
+    assert session.weight_storage == "fp32"

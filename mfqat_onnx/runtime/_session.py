@@ -43,7 +43,7 @@ class MXSession:
         session: The ONNX Runtime session.
         execution_path: ``"native"`` when the kernel library is registered,
             ``"functions"`` when the ``mfqat`` nodes run as their standard-op
-            function bodies.
+            function bodies, ``"plain"`` when the model has no ``mfqat`` node.
         weight_storage: ``"packed"`` when constant weights stay MX-coded in
             memory and are decoded on every run, ``"fp32"`` when ONNX Runtime
             folded them to fp32 initializers at session start.
@@ -55,7 +55,7 @@ class MXSession:
     """
 
     session: ort.InferenceSession
-    execution_path: Literal["native", "functions"]
+    execution_path: Literal["native", "functions", "plain"]
     weight_storage: Literal["packed", "fp32"]
     folded_weights: int = 0
     kernel_library: Path | None = None
@@ -250,6 +250,10 @@ def open_session(
                 storage_note = f"{folded} constant weights folded to fp32 (prefer='speed')"
         if uses_mx:
             logger.info("mfqat: %s runs on the native kernels (%s); %s", label, library, storage_note)
+
+    if not uses_mx:
+        # A plain model: nothing runs on our kernels or bodies, and its weights are whatever the file holds.
+        execution_path, storage = "plain", "fp32"
 
     source, tmpdir = _session_source(proto, path, modified)
     session = ort.InferenceSession(
