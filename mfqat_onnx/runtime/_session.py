@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
 from mfqat_onnx.runtime import _placement
 from mfqat_onnx.runtime._build import find_kernel_library
@@ -85,7 +86,12 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelPr
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model file {str(path)!r} not found")
-        return onnx.load(str(path)), str(path), path
+        try:
+            return onnx.load(str(path)), str(path), path
+        except (DecodeError, ValueError, OSError) as error:
+            raise ValueError(
+                f"cannot read {str(path)!r} as an ONNX model ({error}); check that the file is a complete .onnx file"
+            ) from error
     raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
