@@ -14,26 +14,16 @@ import argparse
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import torch
+from _timing import best_time
 
 from mfqat_onnx.torch_quant import fake_quantize
 
 FORMATS = ("mxint8", "mxint4", "mxfp8", "mxfp4")
 BLOCK_SIZE = 32
 COLUMNS = 4096
-
-
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-touch page faults and lazy initialisation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @contextlib.contextmanager
@@ -95,12 +85,12 @@ def run(
     try:
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(max(elements // COLUMNS, 1), COLUMNS, generator=generator)
-        clone_time = _best_time(x.clone, repeats)
+        clone_time = best_time(x.clone, repeats)
         torchao, torchao_missing = _torchao_round_trip()
 
         rows = []
         for name in FORMATS:
-            ours_time = _best_time(lambda name=name: fake_quantize(x, name, block_size=BLOCK_SIZE), repeats)
+            ours_time = best_time(lambda name=name: fake_quantize(x, name, block_size=BLOCK_SIZE), repeats)
             row = {
                 "benchmark": "fake_quant",
                 "case": f"fake_quantize {name}",
@@ -112,7 +102,7 @@ def run(
             if name in torchao_missing:
                 row["torchao"] = f"not run: {torchao_missing[name]}"
             else:
-                theirs_time = _best_time(lambda name=name: torchao(x, name), repeats)
+                theirs_time = best_time(lambda name=name: torchao(x, name), repeats)
                 row["torchao_elements_per_s"] = x.numel() / theirs_time
                 row["speedup_vs_torchao"] = theirs_time / ours_time
                 row["same_bits_as_torchao"] = _same_bits(fake_quantize(x, name), torchao(x, name))

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import numpy as np
+from _timing import best_time
 
 from mfqat_onnx import numerics as mx
 
 PAIRS = [("mxint8", "mxint4"), ("mxint8", "mxint2"), ("mxfp8_e4m3", "mxfp4_e2m1"), ("mxfp8_e4m3", "mxfp6_e2m3")]
 TARGET_SPEEDUP = 5.0
-
-
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def run(elements: int = 16 * 2**20, repeats: int = 3, seed: int = 0) -> list[dict]:
@@ -36,8 +27,8 @@ def run(elements: int = 16 * 2**20, repeats: int = 3, seed: int = 0) -> list[dic
     for anchor, target in PAIRS:
         codes, scale = mx.quantize(x, anchor)
         decoded = mx.dequantize(codes, scale, anchor)
-        slice_time = _best_time(functools.partial(mx.slice_and_scale, codes, scale, anchor, target), repeats)
-        requant_time = _best_time(functools.partial(mx.quantize, decoded, target), repeats)
+        slice_time = best_time(functools.partial(mx.slice_and_scale, codes, scale, anchor, target), repeats)
+        requant_time = best_time(functools.partial(mx.quantize, decoded, target), repeats)
         rows.append(
             {
                 "benchmark": "numerics",

@@ -147,20 +147,10 @@ def ste_mask(
     an element must lie inside the anchor's range and its decoded anchor value
     inside the target's range.
     """
-    layout = _blocks.make_layout(x.shape, axis, block_size)
-    blocks = _blocks.to_blocks(x, layout)
-    inside = None
-    if anchor is not None:
-        inside = _inside_range(blocks, anchor, scale_rule)
-        blocks = fake_quantize_blocks(blocks, anchor, scale_rule)
-        scale_rule = "floor"
-    target_inside = _inside_range(blocks, fmt, scale_rule)
-    inside = target_inside if inside is None else inside & target_inside
-    return _blocks.from_blocks(inside, layout)
-
-
-def _inside_range(blocks: torch.Tensor, fmt: MXFormat, scale_rule: str) -> torch.Tensor:
-    return _inside_scales(blocks, compute_block_scales(blocks, fmt, scale_rule), fmt)
+    _, inside = fake_quantize_with_mask(
+        x, fmt, axis=axis, block_size=block_size, scale_rule=scale_rule, anchor=anchor
+    )
+    return inside
 
 
 def _inside_scales(blocks: torch.Tensor, scales: BlockScales, fmt: MXFormat) -> torch.Tensor:
