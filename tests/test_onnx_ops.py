@@ -795,7 +795,8 @@ def test_attach_functions_on_onnx_ir_model():
     attach_functions(model)
     attach_functions(model)
     assert model.opset_imports[DOMAIN] == DOMAIN_VERSION
-    assert sorted(name for _, name, _ in model.functions) == ["MXDequantize", "MXQuantize"]
+    # Only the operators the graph uses get a body.
+    assert sorted(name for _, name, _ in model.functions) == ["MXQuantize"]
 
     back = onnx_ir.serde.serialize_model(model)
     onnx.checker.check_model(back, full_check=True)
@@ -863,3 +864,20 @@ def test_public_api():
         "register_schemas",
     ]
     assert (onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION, onnx_ops.DEFAULT_OPSET) == ("mfqat", 1, 21)
+
+
+def test_attach_functions_only_for_used_ops():
+    weight_only = helper.make_graph(
+        [make_dequantize_node("c", "s", "y", fmt="mxint4", axis=-1, block_size=32, axis_length=32)],
+        "weights",
+        [helper.make_tensor_value_info("c", TensorProto.UINT8, [1, 16]), helper.make_tensor_value_info("s", TensorProto.UINT8, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+    )
+    model = helper.make_model(weight_only, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    attach_functions(model)
+    assert [f.name for f in model.functions] == ["MXDequantize"]
+    onnx.checker.check_model(model, full_check=True)
+
+    empty = helper.make_model(helper.make_graph([], "empty", [], []), opset_imports=[helper.make_opsetid("", 21)])
+    attach_functions(empty)
+    assert sorted(f.name for f in empty.functions) == ["MXDequantize", "MXQuantize"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx_ir
@@ -173,6 +174,29 @@ def attach_functions(model: onnx.ModelProto | onnx_ir.Model) -> None:
     raise TypeError(f"expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
 
+def _proto_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Yield every node of the graph, its subgraphs and its other functions."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs)
+    for function in model.functions:
+        yield from function.node
+
+
+def _used_op_types(op_types: Iterable[str | bool]) -> set[str]:
+    """Return the ``mfqat`` operators a model uses, or both when it uses none yet.
+
+    A file carries only the function bodies it needs: a weight-only model has
+    no MXQuantize node, and its body would add about 16 KB to every file.
+    """
+    used = {op_type for op_type in op_types if op_type}
+    return used or {DEQUANTIZE_OP, QUANTIZE_OP}
+
+
 def _attach_to_proto(model: onnx.ModelProto) -> None:
     imports = {entry.domain: entry.version for entry in model.opset_import}
     opset = _resolve_opset(imports)
@@ -185,9 +209,10 @@ def _attach_to_proto(model: onnx.ModelProto) -> None:
 
     other_functions = [f for f in model.functions if not _is_ours(f.domain, f.name)]
     replaced = len(model.functions) - len(other_functions)
+    used = _used_op_types(node.domain == DOMAIN and node.op_type for node in _proto_nodes(model))
     del model.functions[:]
     model.functions.extend(other_functions)
-    model.functions.extend(function_protos(opset))
+    model.functions.extend(f for f in function_protos(opset) if f.name in used)
     logger.debug("attached %s functions (replaced %s) for opset %s", DOMAIN, replaced, opset)
 
 
@@ -203,6 +228,7 @@ def _attach_to_ir(model: onnx_ir.Model) -> None:
 
     for key in [key for key in model.functions if _is_ours(key[0], key[1])]:
         del model.functions[key]
-    for proto in function_protos(opset):
+    used = _used_op_types(node.domain == DOMAIN and node.op_type for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph))
+    for proto in (f for f in function_protos(opset) if f.name in used):
         function = onnx_ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
