@@ -68,7 +68,8 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
         for row in rows:
             found = _ratio_of(row)
             if found:
-                labels.append(f"{name}: {row.get('case', '')} ({found[0]})")
+                case = " ".join(str(row[key]) for key in ("case", "format") if row.get(key))
+                labels.append(f"{name}: {case} ({found[0]})")
                 values.append(found[1])
     if not values:
         return
