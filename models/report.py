@@ -367,12 +367,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps per arm, to check the pipeline")
     parser.add_argument("--jobs", type=int, default=2, help="workloads run in parallel processes (default 2)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="folder to write results.md into")
+    parser.add_argument("--workloads", help="comma-separated workloads to run (default: all of them)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     jobs = QUICK_JOBS if args.quick else FULL_JOBS
+    if args.workloads:
+        wanted = set(args.workloads.split(","))
+        unknown = wanted - {job.workload for job in jobs}
+        if unknown:
+            parser.error(f"unknown workloads {', '.join(sorted(unknown))}; choose from digits-cnn, tiny-lm, minilm")
+        jobs = tuple(job for job in jobs if job.workload in wanted)
     from tqdm.auto import tqdm
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
