@@ -94,7 +94,7 @@ def _export_error_in_chain(error: BaseException) -> ExportError | None:
 
 @contextlib.contextmanager
 def quiet_exporter() -> Iterator[None]:
-    """Silence exporter messages that say nothing about the user's model.
+    """Silence exporter messages that carry no information about the user's model.
 
     torch 2.13 logs one warning per torchvision op it cannot register when
     torchvision is missing, and warns that ``LeafSpec`` is deprecated while

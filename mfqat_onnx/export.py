@@ -90,6 +90,7 @@ __all__ = [
     "dynamic_shapes_from_axes",
     "export_checkpoint",
     "export_model",
+    "export_workload",
     "main",
 ]
 
@@ -288,6 +289,46 @@ def _load(checkpoint: Path) -> tuple[nn.Module, QuantConfig, dict[str, Any]]:
     return model, config, info
 
 
+def export_workload(
+    model: nn.Module,
+    workload: Any,
+    path: str | Path,
+    *,
+    anchor: str | MXFormat | None = None,
+    force: bool = False,
+    opset: int = onnx_ops.DEFAULT_OPSET,
+    example_batch: int = DEFAULT_EXAMPLE_BATCH,
+    example_seq: int | None = None,
+    dynamic: bool = True,
+    protected: Sequence[str | Path] = (),
+    progress: bool = False,
+) -> ExportReport:
+    """Export a prepared model of a reference workload (``models.get_workload``) to an anchor file.
+
+    The workload supplies the example inputs, the input and output names and
+    the dynamic axes. Other arguments are those of `export_model` and
+    `export_checkpoint`.
+    """
+    if example_seq is None:
+        inputs = workload.example_inputs(example_batch)
+    else:
+        inputs = workload.example_inputs(example_batch, example_seq)
+    dynamic_shapes = dynamic_shapes_from_axes(workload.input_names, workload.dynamic_axes) if dynamic else None
+    return export_model(
+        model,
+        inputs,
+        path,
+        anchor=anchor,
+        input_names=workload.input_names,
+        output_names=workload.output_names,
+        dynamic_shapes=dynamic_shapes,
+        force=force,
+        opset=opset,
+        protected=protected,
+        progress=progress,
+    )
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     path: str | Path,
@@ -330,25 +371,18 @@ def export_checkpoint(
     from models import get_workload
 
     workload = get_workload(info["model"])
-    if example_seq is None:
-        inputs = workload.example_inputs(example_batch)
-    else:
-        inputs = workload.example_inputs(example_batch, example_seq)
-    dynamic_shapes = (
-        dynamic_shapes_from_axes(workload.input_names, workload.dynamic_axes) if dynamic else None
-    )
     protected = [checkpoint / name for name in (info.get("weights_file", "checkpoint.pt"), "config.json")]
     try:
-        return export_model(
+        return export_workload(
             model,
-            inputs,
+            workload,
             path,
             anchor=anchor,
-            input_names=workload.input_names,
-            output_names=workload.output_names,
-            dynamic_shapes=dynamic_shapes,
             force=force,
             opset=opset,
+            example_batch=example_batch,
+            example_seq=example_seq,
+            dynamic=dynamic,
             protected=protected,
             progress=progress,
         )

@@ -95,19 +95,10 @@ class OnnxModule(nn.Module):
 
 
 def _export_anchor(workload: Workload, model: nn.Module, anchor: str, folder: Path) -> onnx.ModelProto:
-    from mfqat_onnx.export import dynamic_shapes_from_axes, export_model
+    from mfqat_onnx.export import export_workload
 
     path = folder / f"{workload.name}.{anchor}.onnx"
-    export_model(
-        model,
-        workload.example_inputs(2, 8),
-        path,
-        anchor=anchor,
-        input_names=workload.input_names,
-        output_names=workload.output_names,
-        dynamic_shapes=dynamic_shapes_from_axes(workload.input_names, workload.dynamic_axes),
-        force=True,
-    )
+    export_workload(model, workload, path, anchor=anchor, example_seq=8, force=True)
     return onnx.load(path)
 
 
@@ -212,8 +203,8 @@ def result_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# How a gap is measured per metric, and how close MF-QAT must stay to
-# single-format QAT: 1 accuracy point and 3 % of perplexity, the targets set
+# Gap unit per metric, and the largest gap from single-format QAT that still
+# counts as a match: 1 accuracy point and 3 % of perplexity, the targets set
 # after "MF-QAT: Multi-Format Quantization-Aware Training for Elastic
 # Inference" (Xu, Sharify, Mostafa, 2026); 0.01 of cosine similarity is ours.
 GAP_RULES = {

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mfqat_onnx.export import dynamic_shapes_from_axes, export_model
+from mfqat_onnx.export import dynamic_shapes_from_axes, export_workload
 from mfqat_onnx.formats import family_formats, get_format
 from mfqat_onnx.qat import QuantConfig, load_checkpoint, prepare, set_format
 from mfqat_onnx.retarget import retarget_model
@@ -106,15 +106,7 @@ def test_retargeted_tiny_lm_matches_torch(family, anchor, tmp_path):
     assert floor <= TOLERANCE
 
     path = tmp_path / f"tiny.{anchor}.onnx"
-    export_model(
-        model,
-        workload.example_inputs(2, 8),
-        path,
-        anchor=anchor,
-        input_names=workload.input_names,
-        output_names=workload.output_names,
-        dynamic_shapes=dynamic_shapes_from_axes(workload.input_names, workload.dynamic_axes),
-    )
+    export_workload(model, workload, path, anchor=anchor, example_seq=8)
     anchor_model = onnx.load(path)
     errors = {}
     for fmt in formats:

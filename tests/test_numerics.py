@@ -284,7 +284,7 @@ def test_slice_and_scale_keeps_zero_and_nan_blocks():
     assert not new_codes[1].any()
 
 
-def test_slice_and_scale_from_clamped_anchor_does_not_flush():
+def test_slice_and_scale_clamped_anchor_keeps_value():
     # At the -127 clamp the E4M3 anchor stores 2^-127 as element 1.0; the plain shift E + 8 - 2 would
     # divide it by 64 and flush it, while the general form keeps E' at -127 and the value exact.
     x = np.zeros(32, np.float32)

@@ -1,7 +1,7 @@
 """Named MX corner cases with their expected bytes and values.
 
 Each case comes from a fault reported against an MX tool; the comment on each
-test says what went wrong there and why the expected value is right.
+test explains what went wrong there and why the expected value is right.
 """
 
 import numpy as np
@@ -98,7 +98,8 @@ def test_e4m3_block_max_above_448x_saturates():
     assert scale.tolist() == [128]
     np.testing.assert_array_equal(mx.dequantize(codes, scale, "mxfp8_e4m3"), np.float32(expected))
     assert set(codes[np.abs(x) >= 864].tolist()) <= {0x7E, 0xFE}
-    assert 0x7F not in codes.tolist() and 0xFF not in codes.tolist()
+    assert 0x7F not in codes.tolist()
+    assert 0xFF not in codes.tolist()
 
 
 def test_fp8_saturates_instead_of_nan_or_inf():

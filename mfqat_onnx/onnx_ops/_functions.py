@@ -29,7 +29,7 @@ def _defaults() -> list[onnx.AttributeProto]:
 
 def dequantize_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """Build the ``MXDequantize`` function for standard opset ``opset``."""
-    # NOTE: the body holds the decode tables of all 12 formats (about 21 KB
+    # NOTE: the body contains the decode tables of all 12 formats (about 21 KB
     # serialized), a fixed cost per file that dominates small models. Bodies
     # limited to the formats of one file would also need retarget to re-attach them.
     b = BodyBuilder()
