@@ -214,7 +214,9 @@ def test_conv_axis_packing_keeps_layout():
     np.testing.assert_array_equal(mx.unpack_codes(packed, "mxint4", axis=1, axis_length=40), codes)
 
 
-ANCHOR_TARGETS = [("mxint8", f.name) for f in family_formats("int")] + [
+ANCHOR_TARGETS = [
+    (anchor.name, f.name) for anchor in family_formats("int") for f in family_formats("int") if f.bits <= anchor.bits
+] + [
     (anchor, f.name) for anchor in ("mxfp8_e4m3", "mxfp8_e5m2") for f in family_formats("fp")
 ]
 
@@ -256,6 +258,29 @@ def test_slice_and_scale_identity_random_shapes(seed, rows, length, block_size, 
         expected = mx.requantize(codes, scale, anchor, target, block_size=block_size)
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("anchor", ["mxint8", "mxint6", "mxint4"])
+@pytest.mark.parametrize("block_size", [32, 8, 7, 48])
+def test_slice_and_scale_any_stored_int_codes(anchor, block_size):
+    # Every valid code (the most negative one is unused) at scales from the
+    # clamp to the top: the block peak must match what re-quantizing finds.
+    rng = np.random.default_rng(block_size)
+    fmt = get_format(anchor)
+    codes = rng.integers(0, fmt.num_codes, size=(6, 5 * block_size + 3), dtype=np.uint8)
+    codes[codes == fmt.num_codes // 2] = fmt.num_codes // 2 + 1
+    codes[0, :block_size] = 0
+    codes[1, : min(block_size, 4)] = 1
+    n_blocks = -(-codes.shape[1] // block_size)
+    scale = rng.integers(0, 255, size=(6, n_blocks), dtype=np.uint8)
+    scale[2, 0] = 0
+    for target in family_formats("int"):
+        if target.bits > fmt.bits:
+            continue
+        got = mx.slice_and_scale(codes, scale, anchor, target.name, block_size=block_size)
+        expected = mx.requantize(codes, scale, anchor, target.name, block_size=block_size)
+        np.testing.assert_array_equal(got[0], expected[0], err_msg=target.name)
+        np.testing.assert_array_equal(got[1], expected[1], err_msg=target.name)
 
 
 def test_slice_and_scale_int8_formula():
