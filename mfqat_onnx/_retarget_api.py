@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 import mfqat_onnx
-from mfqat_onnx import _onnx_io
+from mfqat_onnx import _onnx_io, onnx_ops
 from mfqat_onnx._onnx_io import (
     ANCHOR_FORMAT_KEY,
     DERIVED_FROM_KEY,
@@ -233,6 +233,9 @@ def retarget_model(
 
     changed = bool(report.converted or report.activations)
     _update_metadata(ir_model, weights_meta, sites, anchor, changed=changed)
+    if changed:
+        # The bodies carry the tables of the formats in the file, so new formats need new bodies.
+        onnx_ops.attach_functions(ir_model)
     result = ir.serde.serialize_model(ir_model)
     report.seconds = time.perf_counter() - start
     logger.info(

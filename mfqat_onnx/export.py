@@ -126,6 +126,7 @@ def export_model(
     opset: int = onnx_ops.DEFAULT_OPSET,
     protected: Sequence[str | Path] = (),
     external_data: bool | None = None,
+    keep_debug_info: bool = False,
     progress: bool = False,
 ) -> ExportReport:
     """Export a model prepared with ``mfqat_onnx.qat.prepare`` to an anchor ONNX file.
@@ -152,6 +153,9 @@ def export_model(
         external_data: Store tensors of 1 KiB or more in ``<file>.data`` beside
             the model. None does so only when the file would pass the 2 GiB
             protobuf limit.
+        keep_debug_info: Keep each node's module path and the types of
+            intermediate values (about 200 bytes per node), which help when
+            reading the graph in a viewer.
         progress: Show a tqdm progress bar.
 
     Returns:
@@ -209,7 +213,7 @@ def export_model(
 
         # Functions, metadata, check and save.
         bar.set_postfix_str("checking and writing")
-        strip_trace_metadata(ir_model.graph)
+        strip_trace_metadata(ir_model.graph, keep_debug_info=keep_debug_info)
         onnx_ops.attach_functions(ir_model)
         write_metadata(ir_model, anchor_fmt.name, scale_rule, weights)
         activations = activation_quantizers(ir_model.graph)
@@ -301,6 +305,7 @@ def export_workload(
     example_seq: int | None = None,
     dynamic: bool = True,
     protected: Sequence[str | Path] = (),
+    keep_debug_info: bool = False,
     progress: bool = False,
 ) -> ExportReport:
     """Export a prepared model of a reference workload (``models.get_workload``) to an anchor file.
@@ -325,6 +330,7 @@ def export_workload(
         force=force,
         opset=opset,
         protected=protected,
+        keep_debug_info=keep_debug_info,
         progress=progress,
     )
 
@@ -339,6 +345,7 @@ def export_checkpoint(
     example_batch: int = DEFAULT_EXAMPLE_BATCH,
     example_seq: int | None = None,
     dynamic: bool = True,
+    keep_debug_info: bool = False,
     progress: bool = False,
 ) -> ExportReport:
     """Export a checkpoint folder written by ``mfqat_onnx.qat.save_checkpoint``.
@@ -358,6 +365,7 @@ def export_checkpoint(
             workload's default.
         dynamic: Keep the workload's dynamic axes dynamic; False fixes every
             shape to the example inputs.
+        keep_debug_info: See `export_model`.
         progress: Show a tqdm progress bar.
 
     Raises:
@@ -384,6 +392,7 @@ def export_checkpoint(
             example_seq=example_seq,
             dynamic=dynamic,
             protected=protected,
+            keep_debug_info=keep_debug_info,
             progress=progress,
         )
     except AnchorFormatError as error:
@@ -443,6 +452,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--static-shapes", action="store_true", help="fix every input shape to the example inputs"
     )
+    parser.add_argument(
+        "--keep-debug-info",
+        action="store_true",
+        help="keep each node's module path and the types of intermediate values (about 200 bytes per node)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     return parser
 
@@ -463,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             example_batch=args.example_batch,
             example_seq=args.example_seq,
             dynamic=not args.static_shapes,
+            keep_debug_info=args.keep_debug_info,
             progress=True,
         )
     except (ExportError, ModelFileError) as error:

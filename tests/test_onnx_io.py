@@ -400,16 +400,16 @@ def test_save_refuses_existing_data_file(tmp_path):
 
 def test_save_switches_to_external_data_past_limit(tmp_path, monkeypatch):
     # Shrink the protobuf limit so a small model takes the > 2 GiB path.
-    monkeypatch.setattr(_onnx_io, "_MAX_PROTOBUF_BYTES", 80_000)
+    monkeypatch.setattr(_onnx_io, "_MAX_PROTOBUF_BYTES", 60_000)
     model = small_anchor(shape=(256, 256))
-    assert model.ByteSize() > 80_000
+    assert model.ByteSize() > 60_000
     written = save_model(model, tmp_path / "out.onnx")
     assert [p.name for p in written] == ["out.onnx", "out.onnx.data"]
     assert raw_bytes_by_name(load_model(tmp_path / "out.onnx")) == raw_bytes_by_name(model)
 
 
 def test_save_refuses_oversize_without_external(tmp_path, monkeypatch):
-    monkeypatch.setattr(_onnx_io, "_MAX_PROTOBUF_BYTES", 80_000)
+    monkeypatch.setattr(_onnx_io, "_MAX_PROTOBUF_BYTES", 60_000)
     with pytest.raises(ModelFileError, match="2 GiB"):
         save_model(small_anchor(shape=(256, 256)), tmp_path / "out.onnx", external_data=False)
     assert list(tmp_path.iterdir()) == []

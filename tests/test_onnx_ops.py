@@ -625,6 +625,48 @@ def test_unknown_attribute_values_give_nan_blocks(runtime, attributes):
     assert np.isnan(y).all()
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_format_outside_body_decodes_to_nan(runtime):
+    # A format the body does not serve reads like an unknown name: 8-bit codes that all decode to NaN.
+    model = onnx.ModelProto()
+    model.CopyFrom(_dequantize_runner("mxint4", (2, 40), -1, 32).model)
+    del model.functions[:]
+    model.functions.extend(f for f in function_protos(formats=["mxint8"]) if f.name == "MXDequantize")
+    rng = np.random.default_rng(8)
+    feeds = {
+        "codes": rng.integers(0, 256, size=(2, 64), dtype=np.uint8),
+        "scales": rng.integers(100, 150, size=(2, 2), dtype=np.uint8),
+    }
+    (y,) = _Runner(model).run(runtime, feeds)
+    assert y.shape == (2, 40)
+    assert np.isnan(y).all()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_attached_body_serves_formats_of_nodes(runtime):
+    rng = np.random.default_rng(9)
+    formats = ("mxint4", "mxfp4_e2m1")
+    nodes, inputs, outputs, feeds, expected = [], [], [], {}, {}
+    for fmt in formats:
+        codes, scales = numerics.quantize(_wide_random(rng, (3, 40)), fmt)
+        feeds[f"{fmt}_codes"] = numerics.pack_codes(codes, fmt)
+        feeds[f"{fmt}_scales"] = scales
+        expected[fmt] = numerics.dequantize(codes, scales, fmt)
+        nodes.append(
+            make_dequantize_node(f"{fmt}_codes", f"{fmt}_scales", f"{fmt}_y", fmt=fmt, axis=-1, block_size=32, axis_length=40)
+        )
+        inputs += [_value_info(f"{fmt}_codes", TensorProto.UINT8, 2), _value_info(f"{fmt}_scales", TensorProto.UINT8, 2)]
+        outputs.append(_value_info(f"{fmt}_y", TensorProto.FLOAT, 2))
+    model = _model(nodes, inputs, outputs)
+
+    decoded = _Runner(model).run(runtime, feeds)
+    for fmt, y in zip(formats, decoded, strict=True):
+        assert_bit_equal(y, expected[fmt], fmt)
+    (body,) = model.functions
+    every_format = function_protos()[0]
+    assert body.ByteSize() < every_format.ByteSize() / 2
+
+
 # ---------------------------------------------------------------------------
 # Schemas, checker and shape inference
 

@@ -4,8 +4,10 @@
 (domain ``mfqat``, version 1) follow ``docs/format.md``. Every model that uses
 them carries one model-local function per operator, made of standard opset-21
 ops only, so any ONNX runtime can run it and ONNX Runtime can constant-fold it.
-Each function reads the ``format`` attribute at run time and serves every
-format of :data:`mfqat_onnx.formats.FORMATS`.
+Each function reads the ``format`` attribute at run time. It serves the formats
+that the model's nodes name when :func:`attach_functions` builds it, and every
+format of :data:`mfqat_onnx.formats.FORMATS` from :func:`function_protos` with
+no format list.
 
 The bodies accept the canonical format ids and the aliases ``mxfp8``,
 ``mxfp6`` and ``mxfp4`` (lowercase, exactly). The node builders accept any

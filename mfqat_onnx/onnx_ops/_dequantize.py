@@ -12,7 +12,9 @@ intermediates at the size of the decoded tensor for every width from 2 to 8
 bits.
 
 Decoding is ``table[code] * 2^(byte - 127)``, one float32 product, with both
-factors gathered from exact constant tables (byte 0xFF gives NaN). The padded
+factors gathered from exact constant tables (byte 0xFF gives NaN). When every
+format the body serves has 8-bit codes, each byte is a code and the unpacking
+is left out. The padded
 tail of a partial last block is sliced off at the end.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 import onnx
 
 from mfqat_onnx.onnx_ops._builder import AxisSplit, BodyBuilder, format_row, split_at_axis
-from mfqat_onnx.onnx_ops._tables import e8m0_table, format_tables
+from mfqat_onnx.onnx_ops._tables import E8M0_STEP, e8m0_factors
 
 
 def _unpack_codes(
@@ -56,16 +58,38 @@ def _unpack_codes(
     high = b.op("BitShift", high, b.const(8, np.uint16), direction="LEFT", out="high_shifted")
     word = b.op("BitwiseOr", low, high, out="word")
     word = b.op("BitShift", word, shift, direction="RIGHT", out="word_shifted")
-    mask = b.gather_row(format_tables().code_mask, row, out="code_mask")
+    return _mask_code(b, word, row)
+
+
+def _byte_codes(b: BodyBuilder, codes: str, split: AxisSplit, n_blocks: str, block_size: str, row: str) -> str:
+    """Return int64 codes ``[outer, n_blocks, block_size, inner]`` when every format has 8-bit codes."""
+    blocked_shape = b.shape_of(split.outer, b.to_1d(n_blocks), b.to_1d(block_size), split.inner)
+    word = b.op("Cast", b.reshape(codes, blocked_shape, out="code_blocks"), to=onnx.TensorProto.UINT16, out="word")
+    return _mask_code(b, word, row)
+
+
+def _mask_code(b: BodyBuilder, word: str, row: str) -> str:
+    """Keep the code bits of uint16 ``word``; the unknown row's mask 0 sends every code to its NaN."""
+    mask = b.gather_row(b.tables.code_mask, row, out="code_mask")
     code = b.op("BitwiseAnd", word, mask, out="code_u16")
     return b.op("Cast", code, to=onnx.TensorProto.INT64, out="code")
 
 
+def _decode_scales(b: BodyBuilder, scale_bytes: str) -> str:
+    """Return the float32 value of int32 E8M0 bytes (see :func:`e8m0_factors`)."""
+    high, low = e8m0_factors()
+    step = b.const(E8M0_STEP, np.int32)
+    high_index = b.op("Div", scale_bytes, step, out="scale_high_index")
+    low_index = b.op("Mod", scale_bytes, step, out="scale_low_index")
+    high_value = b.op("Gather", b.const(high, out="scale_high_values"), high_index, axis=0, out="scale_high")
+    low_value = b.op("Gather", b.const(low, out="scale_low_values"), low_index, axis=0, out="scale_low")
+    return b.op("Mul", high_value, low_value, out="scale")
+
+
 def dequantize_body(b: BodyBuilder) -> None:
     """Append the nodes that turn inputs ``codes``, ``scales`` into output ``y``."""
-    tables = format_tables()
+    tables = b.tables
     row = format_row(b)
-    bits = b.gather_row(tables.bits, row, out="bits")
     block_size = b.int_attribute("block_size")
     axis_length = b.int_attribute("axis_length")
     n_blocks = b.op(
@@ -76,15 +100,27 @@ def dequantize_body(b: BodyBuilder) -> None:
     )
     split = split_at_axis(b, "codes")
 
-    code = _unpack_codes(b, "codes", split, n_blocks, bits, block_size, row)
+    # A set of 8-bit formats stores one code per byte, so its body skips the bit unpacking.
+    if np.all(tables.bits == 8):
+        code = _byte_codes(b, "codes", split, n_blocks, block_size, row)
+    else:
+        bits = b.gather_row(tables.bits, row, out="bits")
+        code = _unpack_codes(b, "codes", split, n_blocks, bits, block_size, row)
 
     # Element values at scale 1, times the block scale, in one float32 product.
-    values = b.op("Gather", b.gather_row(tables.decode, row, out="decode_row"), code, axis=0, out="values")
+    decode_row = b.op(
+        "Slice",
+        b.const(tables.decode, out="decode_values"),
+        b.to_1d(b.gather_row(tables.decode_start, row, out="decode_start")),
+        b.to_1d(b.gather_row(tables.decode_end, row, out="decode_end")),
+        out="decode_row",
+    )
+    values = b.op("Gather", decode_row, code, axis=0, out="values")
     scale_shape = b.shape_of(split.outer, b.to_1d(n_blocks), b.const([1], np.int64), split.inner)
     scale_bytes = b.op(
         "Cast", b.reshape("scales", scale_shape, out="scale_blocks"), to=onnx.TensorProto.INT32
     )
-    scale = b.op("Gather", b.const(e8m0_table(), out="e8m0_values"), scale_bytes, axis=0, out="scale")
+    scale = _decode_scales(b, scale_bytes)
     decoded = b.op("Mul", values, scale, out="decoded")
 
     # Drop the padding of a partial last block and restore the logical shape.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import onnx
 from onnx import helper
 
@@ -17,6 +19,7 @@ from mfqat_onnx.onnx_ops._contract import (
 )
 from mfqat_onnx.onnx_ops._dequantize import dequantize_body
 from mfqat_onnx.onnx_ops._quantize import quantize_body
+from mfqat_onnx.onnx_ops._tables import canonical_names, format_tables
 
 
 def _defaults() -> list[onnx.AttributeProto]:
@@ -27,12 +30,9 @@ def _defaults() -> list[onnx.AttributeProto]:
     ]
 
 
-def dequantize_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
-    """Build the ``MXDequantize`` function for standard opset ``opset``."""
-    # NOTE: the body contains the decode tables of all 12 formats (about 21 KB
-    # serialized), a fixed cost per file that dominates small models. Bodies
-    # limited to the formats of one file would also need retarget to re-attach them.
-    b = BodyBuilder()
+def dequantize_function(opset: int = DEFAULT_OPSET, formats: Iterable[str] | None = None) -> onnx.FunctionProto:
+    """Build the ``MXDequantize`` function for standard opset ``opset``, serving ``formats`` (all when None)."""
+    b = BodyBuilder(format_tables(canonical_names(formats)))
     dequantize_body(b)
     return helper.make_function(
         DOMAIN,
@@ -47,9 +47,9 @@ def dequantize_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     )
 
 
-def quantize_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
-    """Build the ``MXQuantize`` function for standard opset ``opset``."""
-    b = BodyBuilder()
+def quantize_function(opset: int = DEFAULT_OPSET, formats: Iterable[str] | None = None) -> onnx.FunctionProto:
+    """Build the ``MXQuantize`` function for standard opset ``opset``, serving ``formats`` (all when None)."""
+    b = BodyBuilder(format_tables(canonical_names(formats)))
     quantize_body(b)
     return helper.make_function(
         DOMAIN,

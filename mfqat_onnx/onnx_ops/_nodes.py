@@ -110,18 +110,23 @@ def make_quantize_node(
     )
 
 
-def function_protos(opset: int = DEFAULT_OPSET) -> list[onnx.FunctionProto]:
+def function_protos(opset: int = DEFAULT_OPSET, formats: Iterable[str] | None = None) -> list[onnx.FunctionProto]:
     """Build the model-local functions of both operators (new protos on every call).
 
     Args:
         opset: Standard opset the bodies import; pass the model's own version,
             because the checker rejects a function whose imports differ from the model's.
+        formats: Format names the bodies serve; every format when None. Nodes
+            naming another format decode to NaN.
 
     Raises:
-        ValueError: ``opset`` is below 21.
+        ValueError: ``opset`` is below 21, or a name in ``formats`` is unknown.
     """
     _check_opset(opset)
-    return [dequantize_function(opset), quantize_function(opset)]
+    return [build(opset, formats) for build in _FUNCTION_BUILDERS.values()]
+
+
+_FUNCTION_BUILDERS = {DEQUANTIZE_OP: dequantize_function, QUANTIZE_OP: quantize_function}
 
 
 def _check_opset(opset: int) -> None:
@@ -187,14 +192,39 @@ def _proto_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
         yield from function.node
 
 
-def _used_op_types(op_types: Iterable[str | bool]) -> set[str]:
-    """Return the ``mfqat`` operators a model uses, or both when it uses none yet.
+def _node_format(attribute: onnx.AttributeProto | onnx_ir.Attr | None) -> str | None:
+    """Return the canonical format a node's ``format`` attribute names, or None when it names none."""
+    if attribute is None:
+        return None
+    if isinstance(attribute, onnx.AttributeProto):
+        text = attribute.s.decode() if attribute.type == onnx.AttributeProto.STRING else None
+    else:
+        text = attribute.value if isinstance(attribute.value, str) else None
+    try:
+        return get_format(text).name if text else None
+    except ValueError:
+        return None
 
-    A file carries only the function bodies it needs: a weight-only model has
-    no MXQuantize node, and its body would add about 16 KB to every file.
+
+def _needed_functions(nodes: Iterable[tuple[str, str | None]], opset: int) -> list[onnx.FunctionProto]:
+    """Build the functions that ``(op_type, format)`` pairs of a model's ``mfqat`` nodes need.
+
+    A file carries only the bodies it uses, each with the tables of the formats
+    its nodes name. A weight-only model needs no MXQuantize body (about 13 KB),
+    and the tables of every format would add about 7 KB to each file. A node with no
+    known format (an attribute reference, a misspelt name) gets a body for
+    every format. A model with no ``mfqat`` node yet gets both bodies for every format.
     """
-    used = {op_type for op_type in op_types if op_type}
-    return used or {DEQUANTIZE_OP, QUANTIZE_OP}
+    used: dict[str, set[str | None]] = {}
+    for op_type, fmt in nodes:
+        used.setdefault(op_type, set()).add(fmt)
+    if not used:
+        used = dict.fromkeys(_FUNCTION_BUILDERS, {None})
+    return [
+        build(opset, None if None in used[op_type] else sorted(used[op_type]))
+        for op_type, build in _FUNCTION_BUILDERS.items()
+        if op_type in used
+    ]
 
 
 def _attach_to_proto(model: onnx.ModelProto) -> None:
@@ -209,10 +239,14 @@ def _attach_to_proto(model: onnx.ModelProto) -> None:
 
     other_functions = [f for f in model.functions if not _is_ours(f.domain, f.name)]
     replaced = len(model.functions) - len(other_functions)
-    used = _used_op_types(node.domain == DOMAIN and node.op_type for node in _proto_nodes(model))
+    used = [
+        (node.op_type, _node_format(next((a for a in node.attribute if a.name == "format"), None)))
+        for node in _proto_nodes(model)
+        if _is_ours(node.domain, node.op_type)
+    ]
     del model.functions[:]
     model.functions.extend(other_functions)
-    model.functions.extend(f for f in function_protos(opset) if f.name in used)
+    model.functions.extend(_needed_functions(used, opset))
     logger.debug("attached %s functions (replaced %s) for opset %s", DOMAIN, replaced, opset)
 
 
@@ -228,7 +262,11 @@ def _attach_to_ir(model: onnx_ir.Model) -> None:
 
     for key in [key for key in model.functions if _is_ours(key[0], key[1])]:
         del model.functions[key]
-    used = _used_op_types(node.domain == DOMAIN and node.op_type for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph))
-    for proto in (f for f in function_protos(opset) if f.name in used):
+    used = [
+        (node.op_type, _node_format(node.attributes.get("format")))
+        for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph)
+        if _is_ours(node.domain, node.op_type)
+    ]
+    for proto in _needed_functions(used, opset):
         function = onnx_ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function

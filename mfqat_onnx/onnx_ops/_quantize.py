@@ -41,7 +41,7 @@ from mfqat_onnx.onnx_ops._builder import (
     string_attribute_index,
 )
 from mfqat_onnx.onnx_ops._contract import SCALE_RULES
-from mfqat_onnx.onnx_ops._tables import E8M0_NAN, POW2_MAX, POW2_MIN, format_tables, pow2_table
+from mfqat_onnx.onnx_ops._tables import E8M0_NAN, POW2_MAX, POW2_MIN, pow2_table
 
 _FLOAT = onnx.TensorProto.FLOAT
 _INT64 = onnx.TensorProto.INT64
@@ -98,7 +98,7 @@ def _scale_rule_row(b: BodyBuilder) -> str:
 
 def _shared_exponent(b: BodyBuilder, amax: str, row: str, rule: str) -> str:
     """Return the unclamped int64 shared exponent of blocks with positive ``amax``."""
-    tables = format_tables()
+    tables = b.tables
     exponent = _floor_log2(b, amax, out="amax_exponent")
     mantissa = b.op("Div", amax, _pow2(b, exponent, out="amax_binade"), out="amax_mantissa")
 
@@ -122,7 +122,7 @@ def _shared_exponent(b: BodyBuilder, amax: str, row: str, rule: str) -> str:
 
 def _encode_elements(b: BodyBuilder, magnitude: str, negative: str, row: str) -> str:
     """Return int64 codes of ``magnitude`` (already divided by the block scale) with sign ``negative``."""
-    tables = format_tables()
+    tables = b.tables
     min_binade = b.gather_row(tables.min_binade, row, out="min_binade")
     max_binade = b.gather_row(tables.max_binade, row, out="max_binade")
     mbits = b.gather_row(tables.mbits, row, out="mbits")
@@ -159,7 +159,7 @@ def _encode_elements(b: BodyBuilder, magnitude: str, negative: str, row: str) ->
 
 def _pack(b: BodyBuilder, codes: str, split: AxisSplit, n_blocks: str, block_size: str, row: str) -> str:
     """Pack int64 codes ``[outer, n, block_size, inner]`` into the uint8 ``codes`` output layout."""
-    bits = b.gather_row(format_tables().bits, row, out="bits")
+    bits = b.gather_row(b.tables.bits, row, out="bits")
     block_bits = b.op("Mul", block_size, bits, out="block_bits")
     bytes_per_block = b.op(
         "Div", b.op("Add", block_bits, b.const(7, np.int64)), b.const(8, np.int64), out="bytes_per_block"
@@ -195,7 +195,7 @@ def _pack(b: BodyBuilder, codes: str, split: AxisSplit, n_blocks: str, block_siz
 
 def quantize_body(b: BodyBuilder) -> None:
     """Append the nodes that turn input ``x`` into outputs ``codes`` and ``scales``."""
-    tables = format_tables()
+    tables = b.tables
     row = format_row(b)
     rule = _scale_rule_row(b)
     known = b.op(
