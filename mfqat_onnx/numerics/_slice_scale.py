@@ -176,7 +176,16 @@ def _gather_bytes(pair_table: np.ndarray, byte_table: np.ndarray, codes: np.ndar
     if codes.size % 2:
         return np.take(byte_table, codes)
     flat = np.ascontiguousarray(codes).reshape(-1).view(np.uint16)
-    return np.take(pair_table, flat).view(np.uint8).reshape(codes.shape)
+    out = np.empty_like(flat)
+    # Chunks keep numpy's widened intp copy of the indices in cache: about 2x
+    # faster than one take over 50M pairs.
+    for start in range(0, flat.size, _GATHER_CHUNK):
+        stop = start + _GATHER_CHUNK
+        np.take(pair_table, flat[start:stop], out=out[start:stop])
+    return out.view(np.uint8).reshape(codes.shape)
+
+
+_GATHER_CHUNK = 1 << 18
 
 
 def _check_same_family(anchor: MXFormat, target: MXFormat) -> None:
