@@ -1,17 +1,23 @@
 """Retarget end to end (load, rewrite, save) against re-quantizing the same weights from fp32.
 
-A synthetic anchor of about 100M weights (24 layers of 2048 x 2048 by default)
-is written to a temporary folder, then retargeted file to file with the same
-calls as ``python -m mfqat_onnx.retarget``. The baseline, measured in the same
-process on the same weights, is what a converter without Slice-and-Scale would
-do: decode the anchor to float32 (not timed) and run ``numerics.quantize`` plus
-``numerics.pack_codes`` for the target. The process is pinned to one CPU core.
+A synthetic anchor of about 100M weights (24 layers of 2048 x 2048 by default,
+normal values quantized to the anchor format) is written to a temporary folder, then retargeted file to file with the same
+calls as ``python -m mfqat_onnx.retarget``. Two baselines run in the same
+process on the same weights, decoded from the anchor to float32:
 
-Targets: at most 2 s per 100M weights end to end, and at least 5x faster than
-re-quantizing. Both are judged on wall time (``s_per_100M``); ``cpu_s_per_100M``
-is the process CPU time, which is the better figure on a busy machine.
-``rewrite_speedup`` compares the in-memory rewrite alone with the baseline,
-since the baseline does no file I/O.
+- ``requantize_file``: the same job without Slice-and-Scale, end to end. It
+  loads an fp32 model file of the weights, quantizes and packs each one with
+  ``numerics.quantize`` and ``numerics.pack_codes``, and saves the target file
+  with the same writer. ``speedup`` compares the two end-to-end times.
+- ``quantize``: ``numerics.quantize`` plus ``numerics.pack_codes`` alone, with
+  no file I/O. ``speedup_vs_quantize`` compares it with the whole retarget, and
+  ``rewrite_speedup`` with the in-memory rewrite only.
+
+The process is pinned to one CPU core. Targets: at most 2 s per 100M weights
+end to end, and ``speedup`` of at least 5x. Times are wall times;
+``cpu_s_per_100M`` is the process CPU time, the better figure on a busy
+machine. Each end-to-end retarget starts after ``os.sync()``, so the
+write-back of files written before it is not charged to it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from mfqat_onnx import numerics
 from mfqat_onnx._onnx_io import load_model_with_files, save_model
-from mfqat_onnx._retarget_synthetic import SyntheticWeight, build_anchor_model, random_weight
+from mfqat_onnx._retarget_synthetic import (
+    IR_VERSION,
+    SyntheticWeight,
+    build_anchor_model,
+    quantized_weight,
+)
 from mfqat_onnx.retarget import retarget_model
 
 CASES = [("mxint8", "mxint4"), ("mxfp8_e4m3", "mxfp4_e2m1")]
@@ -58,14 +70,52 @@ def _files_size(paths) -> int:
 
 
 def _write_anchor(folder: Path, anchor: str, n_layers: int, seed: int) -> tuple[Path, list[SyntheticWeight]]:
+    # Quantized normal weights, as the exporter writes them: every block's peak
+    # then has the anchor's top exponent. Uniformly random codes would not.
     rng = np.random.default_rng(seed)
-    weights = [random_weight(f"layers.{i}.weight", LAYER_SHAPE, anchor, rng) for i in range(n_layers)]
+    weights = [
+        quantized_weight(f"layers.{i}.weight", rng.standard_normal(LAYER_SHAPE, dtype=np.float32), anchor)
+        for i in range(n_layers)
+    ]
     path = folder / f"anchor.{anchor}.onnx"
     save_model(build_anchor_model(weights, anchor), path, force=True)
     return path, weights
 
 
+def _write_fp32(folder: Path, weights: list[SyntheticWeight], anchor: str) -> Path:
+    """Write the decoded weights as an fp32 model: one Gemm layer per weight."""
+    nodes, inputs, outputs, initializers = [], [], [], []
+    for weight in weights:
+        decoded = numerics.dequantize(weight.codes, weight.scale_e8m0, anchor, axis=weight.axis)
+        x, y = f"{weight.name}.input", f"{weight.name}.output"
+        initializers.append(numpy_helper.from_array(decoded, weight.name))
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", decoded.shape[1]]))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["batch", decoded.shape[0]]))
+        nodes.append(helper.make_node("Gemm", [x, weight.name], [y], transB=1))
+    graph = helper.make_graph(nodes, "fp32", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
+    path = folder / "fp32.onnx"
+    save_model(model, path, force=True)
+    return path
+
+
+def _time_requantize_file(fp32_path: Path, target: str, out_path: Path) -> float:
+    """Return the wall seconds of loading the fp32 file, quantizing every weight and saving."""
+    os.sync()
+    start = time.perf_counter()
+    model, files = load_model_with_files(fp32_path, require_mfqat=False)
+    weights = [
+        quantized_weight(tensor.name, numpy_helper.to_array(tensor), target) for tensor in model.graph.initializer
+    ]
+    del model
+    save_model(build_anchor_model(weights, target), out_path, force=True, protected=files)
+    return time.perf_counter() - start
+
+
 def _time_retarget(anchor_path: Path, target: str, out_path: Path) -> dict[str, float | int]:
+    # Flush the files written before (the anchor, earlier outputs), so the
+    # kernel's write-back of them does not stall the timed write.
+    os.sync()
     cpu_start = time.process_time()
     start = time.perf_counter()
     model, files = load_model_with_files(anchor_path)
@@ -103,7 +153,7 @@ def _time_requantize(weights: list[SyntheticWeight], anchor: str, target: str) -
 
 def run(
     weights: float = DEFAULT_WEIGHTS,
-    repeats: int = 2,
+    repeats: int = 5,
     seed: int = 0,
     workdir: str | None = None,
     one_core: bool = True,
@@ -133,9 +183,12 @@ def run(
                 (_time_retarget(anchor_path, target, out_path) for _ in range(max(1, repeats))),
                 key=lambda t: t["total_s"],
             )
-            requantize_s, requantize_cpu_s = _time_requantize(synthetic, anchor, target)
+            quantize_s, quantize_cpu_s = _time_requantize(synthetic, anchor, target)
+            fp32_path = _write_fp32(folder, synthetic, anchor)
+            requantize_file_s = _time_requantize_file(fp32_path, target, out_path)
+            fp32_path.unlink()
             seconds_per_100m = timings["total_s"] * per_100m
-            speedup = requantize_s / timings["total_s"]
+            speedup = requantize_file_s / timings["total_s"]
             rows.append(
                 {
                     "benchmark": "retarget",
@@ -151,10 +204,12 @@ def run(
                     "save_s": timings["save_s"],
                     "s_per_100M": seconds_per_100m,
                     "cpu_s_per_100M": timings["cpu_s"] * per_100m,
-                    "requantize_s_per_100M": requantize_s * per_100m,
+                    "requantize_file_s_per_100M": requantize_file_s * per_100m,
                     "speedup": speedup,
-                    "cpu_speedup": requantize_cpu_s / timings["cpu_s"],
-                    "rewrite_speedup": requantize_s / timings["rewrite_s"],
+                    "quantize_s_per_100M": quantize_s * per_100m,
+                    "speedup_vs_quantize": quantize_s / timings["total_s"],
+                    "cpu_speedup_vs_quantize": quantize_cpu_s / timings["cpu_s"],
+                    "rewrite_speedup": quantize_s / timings["rewrite_s"],
                     "target": f"<= {TARGET_SECONDS_PER_100M:g} s, >= {TARGET_SPEEDUP:g}x",
                     "met": seconds_per_100m <= TARGET_SECONDS_PER_100M and speedup >= TARGET_SPEEDUP,
                 }
@@ -173,9 +228,10 @@ def _print_table(rows: list[dict]) -> None:
         ("save_s", "{:.2f}"),
         ("s_per_100M", "{:.2f}"),
         ("cpu_s_per_100M", "{:.2f}"),
-        ("requantize_s_per_100M", "{:.2f}"),
+        ("requantize_file_s_per_100M", "{:.2f}"),
         ("speedup", "{:.1f}x"),
-        ("cpu_speedup", "{:.1f}x"),
+        ("quantize_s_per_100M", "{:.2f}"),
+        ("speedup_vs_quantize", "{:.1f}x"),
         ("rewrite_speedup", "{:.1f}x"),
         ("output_bytes", "{:,}"),
         ("met", "{}"),
@@ -197,7 +253,7 @@ def main() -> None:
         help="approximate model size in weights, rounded to 2048x2048 layers (default 100e6)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=2, help="timed end-to-end runs per case; the best is kept"
+        "--repeats", type=int, default=5, help="timed end-to-end runs per case; the best is kept"
     )
     parser.add_argument(
         "--workdir", help="folder for the temporary model files (default: system temp folder)"
@@ -207,7 +263,8 @@ def main() -> None:
     rows = run(args.weights, repeats=args.repeats, workdir=args.workdir, one_core=not args.all_cores)
     print(
         f"retarget end to end on {rows[0]['cpu']} (1-minute load average {rows[0]['load_average']:.1f}); "
-        f"targets <= {TARGET_SECONDS_PER_100M:g} s per 100M weights, >= {TARGET_SPEEDUP:g}x faster than re-quantizing"
+        f"targets <= {TARGET_SECONDS_PER_100M:g} s per 100M weights, >= {TARGET_SPEEDUP:g}x faster than "
+        "re-quantizing from an fp32 file"
     )
     _print_table(rows)
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from mfqat_onnx.onnx_ops import DOMAIN, DOMAIN_VERSION
 
@@ -170,7 +170,7 @@ def load_model_with_files(
     if not model_path.is_file():
         raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file")
 
-    model = _parse_model_file(model_path)
+    model, data = _parse_model_file(model_path)
     check_opsets(model, where=repr(str(model_path)), require_mfqat=require_mfqat)
     _check_function_bodies(model, model_path)
 
@@ -179,7 +179,9 @@ def load_model_with_files(
         (tensor, _resolve_external_data(tensor, base_dir, model_path))
         for tensor in find_external_tensors(model)
     ]
-    _run_checker(model_path)
+    # With external data the checker needs the path, to find the data files.
+    _run_checker(model_path, None if external else data)
+    del data
     if load_external_data:
         for tensor, _ in external:
             onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
@@ -189,8 +191,8 @@ def load_model_with_files(
     return model, (model_path.resolve(), *data_files)
 
 
-def _parse_model_file(model_path: Path) -> onnx.ModelProto:
-    """Parse the protobuf, telling a foreign file from a damaged ONNX file."""
+def _parse_model_file(model_path: Path) -> tuple[onnx.ModelProto, bytes]:
+    """Parse the protobuf, telling a foreign file from a damaged ONNX file; return the model and the file's bytes."""
     data = model_path.read_bytes()
     if not data:
         raise NotAnOnnxModelError(f"{str(model_path)!r} is empty, not an ONNX model")
@@ -216,7 +218,7 @@ def _parse_model_file(model_path: Path) -> onnx.ModelProto:
         raise NotAnOnnxModelError(
             f"{str(model_path)!r} is not an ONNX model file (no ir_version or graph found)"
         )
-    return model
+    return model, data
 
 
 def check_opsets(model: onnx.ModelProto, *, where: str = "the model", require_mfqat: bool = True) -> None:
@@ -285,14 +287,14 @@ def find_external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [tensor for tensor in _iter_tensors(model) if tensor.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def _run_checker(model_path: Path) -> None:
-    """Run the basic ONNX checker on the file to catch damage that still parses.
+def _run_checker(model_path: Path, data: bytes | None) -> None:
+    """Run the basic ONNX checker on the file's bytes, or on the file when ``data`` is None.
 
-    The path form reads the file in C++, which is about twice as fast as
-    serializing the parsed model again for the in-memory form.
+    It catches damage that still parses. Both forms spare serializing the
+    parsed model again.
     """
     try:
-        onnx.checker.check_model(str(model_path))
+        onnx.checker.check_model(str(model_path) if data is None else data)
     except onnx.checker.ValidationError as exc:
         raise CorruptModelError(
             f"{str(model_path)!r} is corrupt: the ONNX checker rejects it ({exc})"
@@ -479,12 +481,12 @@ def save_model(
     out_path = check_output_path(path, force=force, protected=protected_paths)
     folder = out_path.parent
 
-    size = model.ByteSize()
+    data = None if external_data else _serialize_within_limit(model)
     if external_data is None:
-        external_data = size > _MAX_PROTOBUF_BYTES
-    elif not external_data and size > _MAX_PROTOBUF_BYTES:
+        external_data = data is None
+    elif not external_data and data is None:
         raise ModelFileError(
-            f"the model needs {size} bytes, more than one protobuf can hold (2 GiB); save it with external data"
+            "the model is larger than one protobuf can hold (2 GiB); save it with external data"
         )
     data_name = out_path.name + ".data"
     written = [out_path]
@@ -494,12 +496,13 @@ def save_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder))
     try:
         staged_model = staging / out_path.name
-        if external_data:
+        if data is None:
             _write_with_external_data(model, staged_model, data_name)
         else:
-            _write_bytes(staged_model, model.SerializeToString())
+            _write_bytes(staged_model, data)
         try:
-            onnx.checker.check_model(str(staged_model), full_check=True)
+            # In memory when possible: the checker would otherwise read the file back.
+            onnx.checker.check_model(str(staged_model) if data is None else data, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ModelCheckError(
                 f"cannot write {str(out_path)!r}: the ONNX checker rejects the model ({exc})"
@@ -511,6 +514,21 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return tuple(written)
+
+
+def _serialize_within_limit(model: onnx.ModelProto) -> bytes | None:
+    """Serialize ``model``, or return None when it is too large for one protobuf.
+
+    Serializing once and measuring the bytes replaces ``ByteSize()``, which
+    serializes the whole message too in the upb protobuf backend.
+    """
+    if sum(len(tensor.raw_data) for tensor in _iter_initializers(model.graph)) > _MAX_PROTOBUF_BYTES:
+        return None
+    try:
+        data = model.SerializeToString()
+    except (ValueError, EncodeError):
+        return None
+    return data if len(data) <= _MAX_PROTOBUF_BYTES else None
 
 
 def _same_file(a: Path, b: Path) -> bool:
