@@ -73,7 +73,7 @@ def _anchor_format(metadata: Mapping[str, str]) -> MXFormat:
         raise AnchorMetadataError(f"metadata {ANCHOR_FORMAT_KEY!r} is invalid: {exc}") from None
 
 
-def _weights_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+def weights_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """Parse ``mfqat.weights`` into weight name -> canonical format id."""
     text = metadata.get(WEIGHTS_KEY)
     if text is None:
@@ -193,7 +193,7 @@ def retarget_model(
     # Validate metadata and format names before the copy and the numerics.
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     anchor = _anchor_format(metadata)
-    weights_meta = _weights_metadata(metadata)
+    weights_meta = weights_metadata(metadata)
     target_fmt = resolve_target(target, anchor)
     activation_fmt = _resolve_activation_format(activations)
 

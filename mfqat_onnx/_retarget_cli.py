@@ -10,10 +10,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
+
 from mfqat_onnx import _onnx_io
-from mfqat_onnx._retarget_api import anchor_format_of, default_output_path, retarget_file, retarget_model
-from mfqat_onnx._retarget_report import RetargetReport
-from mfqat_onnx.formats import family_formats
+from mfqat_onnx._onnx_io import DERIVED_FROM_KEY
+from mfqat_onnx._retarget_api import (
+    anchor_format_of,
+    default_output_path,
+    retarget_file,
+    retarget_model,
+    weights_metadata,
+)
+from mfqat_onnx._retarget_report import DerivedSourceError, RetargetReport
+from mfqat_onnx.formats import MXFormat, family_formats, get_format
 
 EXIT_USAGE = 2
 
@@ -151,9 +160,9 @@ def _run_all(args: argparse.Namespace, layers: dict[str, str]) -> list[tuple[Ret
     in_path = Path(args.model)
     model, files = _onnx_io.load_model_with_files(in_path)
     anchor = anchor_format_of(model)
-    targets = [
-        fmt for fmt in family_formats(anchor.family) if fmt.bits <= anchor.bits and fmt.name != anchor.name
-    ]
+    stored = _stored_formats(model, anchor, in_path, allow_derived=args.allow_lowbit_source)
+    lowest_bits = min(fmt.bits for fmt in stored)
+    targets = [fmt for fmt in family_formats(anchor.family) if fmt.bits <= lowest_bits and fmt not in stored]
 
     # Check every output before converting anything, so a clash stops the run with nothing written.
     outputs = []
@@ -187,6 +196,28 @@ def _run_all(args: argparse.Namespace, layers: dict[str, str]) -> list[tuple[Ret
             path.unlink(missing_ok=True)
         raise
     return results
+
+
+def _stored_formats(
+    model: onnx.ModelProto, anchor: MXFormat, path: Path, *, allow_derived: bool
+) -> set[MXFormat]:
+    """Return the formats the weights are stored in; refuse a derived file unless allowed.
+
+    ``--all`` writes every other format of the family with no more bits than
+    the fewest-bit stored format. For an anchor file that is every format up
+    to the anchor's width.
+    """
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    if DERIVED_FROM_KEY not in metadata:
+        return {anchor}
+    stored = {get_format(name) for name in weights_metadata(metadata).values()} or {anchor}
+    if not allow_derived:
+        raise DerivedSourceError(
+            f"{str(path)!r} was retargeted from the {anchor.name} anchor (weights in "
+            f"{', '.join(sorted(f.name for f in stored))}); --all converts an anchor file, so run it on the "
+            "anchor, or pass --allow-lowbit-source to convert these weights again (rounding twice)"
+        )
+    return stored
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -764,6 +764,19 @@ def test_cli_allow_lowbit_source(tmp_path, anchors):
     assert (tmp_path / "model.mxint2.onnx").is_file()
 
 
+def test_cli_all_on_derived_file(tmp_path, anchors, capsys):
+    onnx.save(derived_model(anchors), tmp_path / "model.mxint4.onnx")
+    before = snapshot(tmp_path)
+    assert main([str(tmp_path / "model.mxint4.onnx"), "--all"]) == 2
+    assert "run it on the anchor" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+    # With the flag, only the formats below the stored mxint4 weights are written.
+    assert main([str(tmp_path / "model.mxint4.onnx"), "--all", "--allow-lowbit-source"]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["model.mxint2.onnx", "model.mxint3.onnx", "model.mxint4.onnx"]
+
+
 def test_cli_module_entry_point(anchor_file):
     result = subprocess.run(
         [sys.executable, "-m", "mfqat_onnx.retarget", str(anchor_file), "--format", "mxint2"],
