@@ -201,7 +201,7 @@ def _run_all(args: argparse.Namespace, layers: dict[str, str]) -> list[tuple[Ret
 def _stored_formats(
     model: onnx.ModelProto, anchor: MXFormat, path: Path, *, allow_derived: bool
 ) -> set[MXFormat]:
-    """Return the formats the weights are stored in; refuse a derived file unless allowed.
+    """Return the formats the weights are stored in; raise DerivedSourceError for a derived file unless allowed.
 
     ``--all`` writes every other format of the family with no more bits than
     the fewest-bit stored format. For an anchor file that is every format up
