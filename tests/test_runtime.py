@@ -28,7 +28,7 @@ from mfqat_onnx.runtime import (
     open_session,
 )
 from mfqat_onnx.runtime._build import build_library, library_file_name
-from mfqat_onnx.runtime._cli import main
+from mfqat_onnx.runtime._cli import main, make_inputs
 
 RUNTIME_LOGGER = "mfqat_onnx.runtime"
 
@@ -380,10 +380,58 @@ def test_cli_reports_bad_input(anchor, tmp_path, capsys):
     path = tmp_path / "anchor.onnx"
     onnx.save(anchor, str(path))
     np.save(tmp_path / "x.npy", np.zeros((4, 70), np.float64))
-    assert main([str(path), "--input", f"nope={tmp_path / 'x.npy'}"]) == 1
+    assert main([str(path), "--input", f"nope={tmp_path / 'x.npy'}"]) == 2
     assert "--input names ['nope'] are not model inputs" in capsys.readouterr().err
-    assert main([str(path), "--input", f"fc.input={tmp_path / 'x.npy'}"]) == 1
+    assert main([str(path), "--input", f"fc.input={tmp_path / 'x.npy'}"]) == 2
     assert "has dtype float64, the model expects float32" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+
+
+def test_cli_saves_outputs(anchor, tmp_path, capsys):
+    path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, str(path))
+    argv = [str(path), "--dim", "conv.h=4", "--dim", "conv.w=4", "--repeat", "0", "--seed", "3"]
+    out_file = tmp_path / "out.npz"
+    assert main([*argv, "--save-outputs", str(out_file)]) == 0
+    assert "outputs saved to" in capsys.readouterr().out
+
+    # The saved arrays are what a session on the same seeded inputs computes.
+    session = open_session(path)
+    feed = make_inputs(session, {}, batch=1, named_dims={"conv.h": 4, "conv.w": 4}, seed=3)
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    with np.load(out_file) as saved:
+        assert sorted(saved.files) == sorted(expected)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(saved[name], value)
+
+    # An existing file is kept unless --force; the name must end in .npz; nothing else is left behind.
+    before = out_file.read_bytes()
+    assert main([*argv, "--seed", "4", "--save-outputs", str(out_file)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out_file.read_bytes() == before
+    assert main([*argv, "--save-outputs", str(tmp_path / "out.txt")]) == 2
+    assert main([*argv, "--seed", "4", "--save-outputs", str(out_file), "--force"]) == 0
+    assert out_file.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anchor.onnx", "out.npz"]
+
+
+def test_cli_notes_unused_batch_and_memory_fallback(anchor, tmp_path, capsys):
+    path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, str(path))
+    feeds = []
+    for name, shape in (("fc.input", (2, 70)), ("conv.input", (2, 40, 4, 4))):
+        np.save(tmp_path / f"{name}.npy", np.zeros(shape, np.float32))
+        feeds += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    argv = [str(path), *feeds, "--repeat", "0", "--kernels", "functions"]
+    assert main([*argv, "--batch", "8", "--prefer", "memory"]) == 0
+    out = capsys.readouterr().out
+    assert "--batch is not used: every input was given with --input" in out
+    assert "--prefer memory needs the kernel library" in out
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--batch is not used" not in out
+    assert "--prefer memory" not in out
 
 
 def test_plain_model_reports_plain_path():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mfqat_onnx._onnx_io import check_output_path
 from mfqat_onnx.runtime._build import KernelBuildError, build_kernels
 from mfqat_onnx.runtime._session import MXSession, open_session
 
@@ -28,6 +31,8 @@ _NUMPY_TYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
 # Random integer inputs stay below this, so they are valid indices for any
 # embedding table with at least this many rows.
 _RANDOM_INT_HIGH = 10
@@ -38,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m mfqat_onnx.runtime",
         description="Run an mfqat ONNX model in ONNX Runtime on given or random inputs, "
         "print an output summary, the execution path and the timing.",
+        epilog="Exit status: 0 on success, 2 on invalid arguments or input files, 1 when the kernel build "
+        "or ONNX Runtime fails.",
     )
     parser.add_argument("model", nargs="?", type=Path, help="ONNX model file")
     parser.add_argument("--format", help="retarget the model to this MX format in memory first, e.g. mxfp4")
@@ -60,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE.npy",
         help="value of one model input; repeat for several. Inputs not given are random.",
     )
-    parser.add_argument("--batch", type=int, default=1, help="size of a dynamic first dimension (default 1)")
+    parser.add_argument(
+        "--batch", type=int, help="size of a dynamic first dimension of random inputs (default 1)"
+    )
     parser.add_argument(
         "--dim",
         action="append",
@@ -72,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat", type=int, default=10, help="timed runs after one warm-up run (default 10)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument(
+        "--save-outputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="write the outputs of the first run to a .npz file, one array per output name",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --save-outputs file")
     parser.add_argument("--build-kernels", action="store_true", help="build the kernel library first")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return parser
@@ -185,9 +201,8 @@ def run(args: argparse.Namespace) -> int:
     given = {name: Path(value) for name, value in _parse_pairs(args.input, "--input").items()}
     named_dims = {name: int(value) for name, value in _parse_pairs(args.dim, "--dim").items()}
     defaulted: set[str] = set()
-    feed = make_inputs(
-        session, given, batch=args.batch, named_dims=named_dims, seed=args.seed, defaulted=defaulted
-    )
+    batch = 1 if args.batch is None else args.batch
+    feed = make_inputs(session, given, batch=batch, named_dims=named_dims, seed=args.seed, defaulted=defaulted)
 
     print(f"model           {args.model}" + (f" (retargeted to {args.format})" if args.format else ""))
     print(
@@ -198,16 +213,23 @@ def run(args: argparse.Namespace) -> int:
         f"weight storage  {session.weight_storage}"
         + (f", {session.folded_weights} weights folded" if session.folded_weights else "")
     )
+    if args.prefer == "memory" and session.execution_path == "functions":
+        print("                --prefer memory needs the kernel library (see --build-kernels); weights are fp32")
     print("inputs          " + ", ".join(f"{name} {list(v.shape)} {v.dtype}" for name, v in feed.items()))
     if defaulted:
         print(
             f"                dynamic dimensions set to 1: {', '.join(sorted(defaulted))} (set with --dim NAME=N)"
         )
+    if args.batch is not None and set(given) == set(feed):
+        print("                --batch is not used: every input was given with --input")
     sys.stdout.flush()
 
     start = time.perf_counter()
     outputs = session.run(None, feed)
     first_ms = (time.perf_counter() - start) * 1e3
+    names = [meta.name for meta in session.get_outputs()]
+    if args.save_outputs is not None:
+        _save_outputs(args.save_outputs, dict(zip(names, outputs, strict=True)))
     times_ms = []
     for _ in tqdm(range(args.repeat), desc="timed runs", leave=False, disable=args.repeat < 50):
         start = time.perf_counter()
@@ -215,7 +237,6 @@ def run(args: argparse.Namespace) -> int:
         times_ms.append((time.perf_counter() - start) * 1e3)
 
     print()
-    names = [meta.name for meta in session.get_outputs()]
     _print_table(("output", "shape", "dtype", "min", "max", "mean", "NaN"), _summary_rows(names, outputs))
     print()
     timing = [("open session", f"{open_s * 1e3:.2f}"), ("first run", f"{first_ms:.3f}")]
@@ -225,7 +246,23 @@ def run(args: argparse.Namespace) -> int:
             (f"min of {len(times_ms)}", f"{min(times_ms):.3f}"),
         ]
     _print_table(("timing", "ms"), timing)
+    if args.save_outputs is not None:
+        print(f"\noutputs saved to {args.save_outputs}")
     return 0
+
+
+def _save_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
+    """Write ``outputs`` to an .npz file atomically: a temporary file in the same folder, then a rename."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
+        try:
+            np.savez(handle, **outputs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -235,20 +272,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    if args.batch < 1 or args.repeat < 0:
+    if (args.batch is not None and args.batch < 1) or args.repeat < 0:
         parser.error("--batch must be at least 1 and --repeat at least 0")
     if args.build_kernels:
         try:
             print(f"kernel library  {build_kernels()}")
         except KernelBuildError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
         if args.model is None:
             return 0
     if args.model is None:
         parser.error("MODEL is required unless --build-kernels is given")
     try:
+        if args.save_outputs is not None:
+            # Before the session opens, so a bad output path costs no model load.
+            if args.save_outputs.suffix != ".npz":
+                raise ValueError(f"--save-outputs expects a .npz file name, got {str(args.save_outputs)!r}")
+            check_output_path(args.save_outputs, force=args.force, protected=[args.model])
         return run(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as error:  # onnxruntime's errors derive from Exception only
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
