@@ -60,8 +60,11 @@ def resolve_anchor(anchor: str | MXFormat | None, family: str, trained_anchor: s
         anchor = trained_anchor
     try:
         fmt = get_format(anchor)
-    except (ValueError, TypeError) as error:
-        raise AnchorFormatError(f"invalid anchor format: {error}") from None
+    except (ValueError, TypeError):
+        raise AnchorFormatError(
+            f"unknown anchor format {anchor!r}; the anchor is one of {', '.join(ANCHOR_FORMATS)} "
+            "(lower formats come from mfqat_onnx.retarget)"
+        ) from None
     if fmt.bits != 8:
         raise AnchorFormatError(
             f"the anchor must be an 8-bit format ({', '.join(ANCHOR_FORMATS)}), got {fmt.name} with "

@@ -168,27 +168,59 @@ def load_model_with_files(
     if not model_path.exists():
         raise ModelNotFoundError(f"model file not found: {str(model_path)!r}")
     if not model_path.is_file():
-        raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file")
+        raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file; give the .onnx file")
 
     model, data = _parse_model_file(model_path)
     check_opsets(model, where=repr(str(model_path)), require_mfqat=require_mfqat)
     _check_function_bodies(model, model_path)
 
-    base_dir = model_path.resolve().parent
-    external = [
-        (tensor, _resolve_external_data(tensor, base_dir, model_path))
-        for tensor in find_external_tensors(model)
-    ]
+    external = _checked_external_tensors(model, model_path)
     # With external data the checker needs the path, to find the data files.
     _run_checker(model_path, None if external else data)
     del data
     if load_external_data:
-        for tensor, _ in external:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+        _read_external_tensors(external, model_path)
 
     data_files = tuple(dict.fromkeys(data_path for _, data_path in external))
     logger.debug("loaded %s (%d external data files)", model_path, len(data_files))
     return model, (model_path.resolve(), *data_files)
+
+
+def read_model_file(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse a model file and read its external data, with the specific errors of `load_model`.
+
+    Unlike `load_model` it checks no opsets, function bodies or ONNX checker
+    rules, so it also reads plain models of any opset.
+
+    Raises:
+        ModelNotFoundError: ``path`` does not exist or is not a regular file.
+        NotAnOnnxModelError: The bytes are not an ONNX model.
+        CorruptModelError: The file is truncated.
+        UnsafeExternalDataError: An external data location leaves the model's folder.
+        ExternalDataError: External data is missing or shorter than declared.
+    """
+    model_path = Path(path)
+    if not model_path.exists():
+        raise ModelNotFoundError(f"model file not found: {str(model_path)!r}")
+    if not model_path.is_file():
+        raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file; give the .onnx file")
+    model, _ = _parse_model_file(model_path)
+    _read_external_tensors(_checked_external_tensors(model, model_path), model_path)
+    return model
+
+
+def _checked_external_tensors(
+    model: onnx.ModelProto, model_path: Path
+) -> list[tuple[onnx.TensorProto, Path]]:
+    """Return each tensor with external data and its validated data file."""
+    base_dir = model_path.resolve().parent
+    return [(tensor, _resolve_external_data(tensor, base_dir, model_path)) for tensor in find_external_tensors(model)]
+
+
+def _read_external_tensors(external: list[tuple[onnx.TensorProto, Path]], model_path: Path) -> None:
+    base_dir = model_path.resolve().parent
+    for tensor, _ in external:
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
 
 
 def _parse_model_file(model_path: Path) -> tuple[onnx.ModelProto, bytes]:
@@ -531,7 +563,8 @@ def _serialize_within_limit(model: onnx.ModelProto) -> bytes | None:
     return data if len(data) <= _MAX_PROTOBUF_BYTES else None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Tell whether two paths name the same file, after resolving links."""
     if a.resolve() == b.resolve():
         return True
     try:
@@ -544,7 +577,7 @@ def _check_writable(target: Path, protected: list[Path], *, force: bool) -> None
     if target.is_dir():
         raise ModelFileError(f"output path {str(target)!r} is a folder; give a file name")
     for guarded in protected:
-        if _same_file(target, guarded):
+        if same_file(target, guarded):
             raise OutputExistsError(
                 f"cannot write {str(target)!r}: it is the input file {str(guarded)!r}; "
                 "choose another output path"

@@ -309,6 +309,11 @@ def retarget_file(
     # The default output name contains the target, so check the name before building it.
     resolve_target(target)
     out_path = Path(output) if output is not None else default_output_path(in_path, target)
+    if output is None and _onnx_io.same_file(out_path, in_path):
+        raise RetargetError(
+            f"{str(in_path)!r} is already named for {resolve_target(target).name}, so the default output "
+            "would replace it; retarget the anchor file, or give -o/--output for a copy"
+        )
     # Fail on the output path before loading and converting a large model.
     _onnx_io.check_output_path(out_path, force=force, protected=[in_path])
 

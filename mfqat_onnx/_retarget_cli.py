@@ -100,8 +100,15 @@ def _print_table(rows: list[dict[str, str]]) -> None:
 def _table_row(report: RetargetReport, out: Path, seconds: float) -> dict[str, str]:
     bytes_before = _files_size(report.input_files)
     bytes_after = _files_size(report.output_files)
+    # With --layers the weights can end up in several formats, none of them the --format one.
+    formats = sorted({change.new_format for change in report.converted})
+    format_label = report.target
+    if len(formats) == 1:
+        format_label = formats[0]
+    elif formats:
+        format_label = "mixed: " + ", ".join(formats)
     return {
-        "format": report.target,
+        "format": format_label,
         "layers": f"{len(report.converted)}/{report.layer_count}",
         "method": ", ".join(report.methods) or "unchanged",
         "bytes before": f"{bytes_before:,}",

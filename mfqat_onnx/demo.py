@@ -248,8 +248,10 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    styles = (("int", "MXINT (anchor MXINT8)", -11), ("fp", "MXFP (anchor MXFP8 E4M3)", 5))
-    for family, label, label_offset in styles:
+    # MXINT labels sit left of and below their points, MXFP labels right and above, so the two
+    # families' labels at the same width do not cover each other.
+    styles = (("int", "MXINT (anchor MXINT8)", -11, "right"), ("fp", "MXFP (anchor MXFP8 E4M3)", 5, "left"))
+    for family, label, label_offset, align in styles:
         points = sorted((r.bits_per_weight, r.ort_accuracy, r.format) for r in rows if r.family == family and r.format != "fp32")
         if not points:
             continue
@@ -260,8 +262,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             stacked = seen_x.get(x, 0)
             seen_x[x] = stacked + 1
             ax.annotate(
-                name.replace("mx", ""), (x, y), textcoords="offset points",
-                xytext=(3, label_offset + 9 * stacked * (1 if label_offset > 0 else -1)), fontsize=7,
+                name.replace("mx", ""), (x, y), textcoords="offset points", ha=align,
+                xytext=(4 if align == "left" else -4, label_offset + 9 * stacked * (1 if label_offset > 0 else -1)),
+                fontsize=7,
             )
         for row in rows:
             if row.family == family and row.format == "fp32":

@@ -720,6 +720,16 @@ def test_cli_layers_and_activations(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "activations mxint8 -> mxint6" in printed
     assert "head: skipped, already in mxint8" in printed
+    assert "mixed: mxint2, mxint4" in printed
+
+
+def test_cli_stored_format_with_default_name(tmp_path, anchors, capsys):
+    onnx.save(anchors["mxint8"], tmp_path / "model.mxint8.onnx")
+    before = snapshot(tmp_path)
+    assert main([str(tmp_path / "model.mxint8.onnx"), "--format", "mxint8"]) == 2
+    assert "is already named for mxint8" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+    assert main([str(tmp_path / "model.mxint8.onnx"), "--format", "mxint8", "-o", str(tmp_path / "copy.onnx")]) == 0
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -387,6 +388,40 @@ def test_cli_reports_bad_input(anchor, tmp_path, capsys):
     assert main([str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx" in capsys.readouterr().err
 
+    # Files that are not models get the loader's specific messages.
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert main([str(tmp_path / "empty.onnx")]) == 2
+    assert "is empty, not an ONNX model" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"extra": 1}')
+    assert main([str(tmp_path / "config.json")]) == 2
+    assert "is not an ONNX model file" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+    # Given inputs are checked for rank and fixed sizes, and named once.
+    np.save(tmp_path / "rank3.npy", np.zeros((4, 70, 1), np.float32))
+    assert main([str(path), "--input", f"fc.input={tmp_path / 'rank3.npy'}"]) == 2
+    assert "has shape [4, 70, 1], the model expects ['any', 70]" in capsys.readouterr().err
+    np.save(tmp_path / "wide.npy", np.zeros((4, 71), np.float32))
+    assert main([str(path), "--input", f"fc.input={tmp_path / 'wide.npy'}"]) == 2
+    assert "the model expects ['any', 70]" in capsys.readouterr().err
+    twice = ["--input", f"fc.input={tmp_path / 'x.npy'}", "--input", f"fc.input={tmp_path / 'wide.npy'}"]
+    assert main([str(path), *twice]) == 2
+    assert "gives 'fc.input' twice" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "anchor.onnx", "config.json", "empty.onnx", "rank3.npy", "wide.npy", "x.npy",
+    ]
+
+
+def test_cli_batch_and_repeat_messages(anchor, tmp_path, capsys):
+    path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, str(path))
+    for argv, message in ((["--batch", "0"], "--batch must be at least 1, got 0"), (["--repeat", "-1"], "--repeat must be at least 0, got -1")):
+        with pytest.raises(SystemExit) as info:
+            main([str(path), *argv])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
 
 def test_cli_saves_outputs(anchor, tmp_path, capsys):
     path = tmp_path / "anchor.onnx"
@@ -395,6 +430,9 @@ def test_cli_saves_outputs(anchor, tmp_path, capsys):
     out_file = tmp_path / "out.npz"
     assert main([*argv, "--save-outputs", str(out_file)]) == 0
     assert "outputs saved to" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out_file.stat().st_mode & 0o777 == 0o666 & ~umask
 
     # The saved arrays are what a session on the same seeded inputs computes.
     session = open_session(path)

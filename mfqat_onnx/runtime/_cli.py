@@ -99,6 +99,8 @@ def _parse_pairs(pairs: Sequence[str], option: str) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep or not name or not value:
             raise ValueError(f"{option} expects NAME=VALUE, got {pair!r}")
+        if name in parsed:
+            raise ValueError(f"{option} gives {name!r} twice ({parsed[name]!r} and {value!r}); give it once")
         parsed[name] = value
     return parsed
 
@@ -154,6 +156,7 @@ def make_inputs(
                     f"input {name!r} from {given[name]} has dtype {array.dtype}, the model expects "
                     f"{np.dtype(dtype)}; save the array with that dtype"
                 )
+            _check_shape(name, given[name], array.shape, meta.shape)
             feed[name] = array
             continue
         if dtype is None:
@@ -168,6 +171,20 @@ def make_inputs(
         else:
             feed[name] = rng.integers(0, _RANDOM_INT_HIGH, shape).astype(dtype)
     return feed
+
+
+def _check_shape(name: str, source: Path, shape: tuple[int, ...], dims: Sequence[object] | None) -> None:
+    """Compare a given array's shape with the model input's rank and fixed dimensions."""
+    if dims is None:
+        return
+    fixed = [dim if isinstance(dim, int) and dim >= 0 else None for dim in dims]
+    matches = len(shape) == len(fixed) and all(want is None or want == got for want, got in zip(fixed, shape, strict=True))
+    if not matches:
+        expected = [dim if dim is not None else "any" for dim in fixed]
+        raise ValueError(
+            f"input {name!r} from {source} has shape {list(shape)}, the model expects {expected}; "
+            "save the array with that shape"
+        )
 
 
 def _summary_rows(names: Sequence[str], outputs: Sequence[object]) -> list[tuple[str, ...]]:
@@ -258,6 +275,10 @@ def _save_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
             np.savez(handle, **outputs)
             handle.flush()
             os.fsync(handle.fileno())
+            # Temporary files are private (0600); give the result the mode a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(handle.name, 0o666 & ~umask)
         except BaseException:
             handle.close()
             os.unlink(handle.name)
@@ -272,8 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    if (args.batch is not None and args.batch < 1) or args.repeat < 0:
-        parser.error("--batch must be at least 1 and --repeat at least 0")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.repeat < 0:
+        parser.error(f"--repeat must be at least 0, got {args.repeat}")
     if args.build_kernels:
         try:
             print(f"kernel library  {build_kernels()}")

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
+from mfqat_onnx._onnx_io import read_model_file
 from mfqat_onnx.runtime import _placement
 from mfqat_onnx.runtime._build import find_kernel_library
 
@@ -84,14 +84,9 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelPr
         return model, model.graph.name or "<in-memory model>", None
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"model file {str(path)!r} not found")
-        try:
-            return onnx.load(str(path)), str(path), path
-        except (DecodeError, ValueError, OSError) as error:
-            raise ValueError(
-                f"cannot read {str(path)!r} as an ONNX model ({error}); check that the file is a complete .onnx file"
-            ) from error
+        return read_model_file(path), str(path), path
     raise TypeError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
 
 
@@ -205,6 +200,8 @@ def open_session(
             ``mfqat`` domain version or operator this runtime does not implement.
         KernelLibraryError: ``kernels="native"`` and the library is missing or fails to load.
         FileNotFoundError: ``model`` is a path that does not exist.
+        mfqat_onnx._onnx_io.ModelFileError: ``model`` is a folder, not an ONNX
+            file, truncated, or has external data that is missing or leaves its folder.
     """
     if kernels not in _KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(_KERNEL_CHOICES)}, got {kernels!r}")
