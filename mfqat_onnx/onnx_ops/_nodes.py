@@ -199,7 +199,9 @@ def _node_format(attribute: onnx.AttributeProto | onnx_ir.Attr | None) -> str | 
     if isinstance(attribute, onnx.AttributeProto):
         text = attribute.s.decode() if attribute.type == onnx.AttributeProto.STRING else None
     else:
-        text = attribute.value if isinstance(attribute.value, str) else None
+        # A reference to a caller's attribute has no value of its own.
+        value = getattr(attribute, "value", None)
+        text = value if isinstance(value, str) else None
     try:
         return get_format(text).name if text else None
     except ValueError:
