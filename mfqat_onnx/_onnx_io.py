@@ -164,11 +164,7 @@ def load_model_with_files(
     Raises:
         ModelFileError: A subclass naming the problem, as listed in `load_model`.
     """
-    model_path = Path(path)
-    if not model_path.exists():
-        raise ModelNotFoundError(f"model file not found: {str(model_path)!r}")
-    if not model_path.is_file():
-        raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file; give the .onnx file")
+    model_path = _existing_model_path(path)
 
     model, data = _parse_model_file(model_path)
     check_opsets(model, where=repr(str(model_path)), require_mfqat=require_mfqat)
@@ -199,14 +195,19 @@ def read_model_file(path: str | os.PathLike[str]) -> onnx.ModelProto:
         UnsafeExternalDataError: An external data location leaves the model's folder.
         ExternalDataError: External data is missing or shorter than declared.
     """
+    model_path = _existing_model_path(path)
+    model, _ = _parse_model_file(model_path)
+    _read_external_tensors(_checked_external_tensors(model, model_path), model_path)
+    return model
+
+
+def _existing_model_path(path: str | os.PathLike[str]) -> Path:
     model_path = Path(path)
     if not model_path.exists():
         raise ModelNotFoundError(f"model file not found: {str(model_path)!r}")
     if not model_path.is_file():
         raise ModelNotFoundError(f"model path {str(model_path)!r} is not a regular file; give the .onnx file")
-    model, _ = _parse_model_file(model_path)
-    _read_external_tensors(_checked_external_tensors(model, model_path), model_path)
-    return model
+    return model_path
 
 
 def _checked_external_tensors(
