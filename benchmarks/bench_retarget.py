@@ -1,8 +1,9 @@
 """Retarget end to end (load, rewrite, save) against re-quantizing the same weights from fp32.
 
 A synthetic anchor of about 100M weights (24 layers of 2048 x 2048 by default,
-normal values quantized to the anchor format) is written to a temporary folder, then retargeted file to file with the same
-calls as ``python -m mfqat_onnx.retarget``. Two baselines run in the same
+normal values quantized to the anchor format) is written to a temporary
+folder, then retargeted file to file with the same calls as
+``python -m mfqat_onnx.retarget``. Two baselines run in the same
 process on the same weights, decoded from the anchor to float32:
 
 - ``requantize_file``: the same job without Slice-and-Scale, end to end. It
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -41,6 +43,7 @@ from mfqat_onnx._retarget_synthetic import (
     build_anchor_model,
     quantized_weight,
 )
+from mfqat_onnx.onnx_ops import DEFAULT_OPSET
 from mfqat_onnx.retarget import retarget_model
 
 CASES = [("mxint8", "mxint4"), ("mxfp8_e4m3", "mxfp4_e2m1")]
@@ -82,18 +85,36 @@ def _write_anchor(folder: Path, anchor: str, n_layers: int, seed: int) -> tuple[
     return path, weights
 
 
-def _write_fp32(folder: Path, weights: list[SyntheticWeight], anchor: str) -> Path:
-    """Write the decoded weights as an fp32 model: one Gemm layer per weight."""
+class _DecodedWeight(NamedTuple):
+    """A weight decoded from the anchor to float32: what the baselines start from."""
+
+    name: str
+    values: np.ndarray
+    axis: int
+
+
+def _decode(weights: list[SyntheticWeight], anchor: str) -> list[_DecodedWeight]:
+    return [
+        _DecodedWeight(
+            weight.name,
+            numerics.dequantize(weight.codes, weight.scale_e8m0, anchor, axis=weight.axis),
+            weight.axis,
+        )
+        for weight in weights
+    ]
+
+
+def _write_fp32(folder: Path, decoded: list[_DecodedWeight]) -> Path:
+    """Write decoded weights as an fp32 model: one Gemm layer per weight."""
     nodes, inputs, outputs, initializers = [], [], [], []
-    for weight in weights:
-        decoded = numerics.dequantize(weight.codes, weight.scale_e8m0, anchor, axis=weight.axis)
+    for weight in decoded:
         x, y = f"{weight.name}.input", f"{weight.name}.output"
-        initializers.append(numpy_helper.from_array(decoded, weight.name))
-        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", decoded.shape[1]]))
-        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["batch", decoded.shape[0]]))
+        initializers.append(numpy_helper.from_array(weight.values, weight.name))
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", weight.values.shape[1]]))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["batch", weight.values.shape[0]]))
         nodes.append(helper.make_node("Gemm", [x, weight.name], [y], transB=1))
     graph = helper.make_graph(nodes, "fp32", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=IR_VERSION)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)], ir_version=IR_VERSION)
     path = folder / "fp32.onnx"
     save_model(model, path, force=True)
     return path
@@ -137,14 +158,13 @@ def _time_retarget(anchor_path: Path, target: str, out_path: Path) -> dict[str, 
     }
 
 
-def _time_requantize(weights: list[SyntheticWeight], anchor: str, target: str) -> tuple[float, float]:
+def _time_requantize(decoded: list[_DecodedWeight], target: str) -> tuple[float, float]:
     """Return (wall, CPU) seconds of quantizing and packing the decoded anchor weights."""
     wall = cpu = 0.0
-    for weight in weights:
-        decoded = numerics.dequantize(weight.codes, weight.scale_e8m0, anchor, axis=weight.axis)
+    for weight in decoded:
         cpu_start = time.process_time()
         start = time.perf_counter()
-        codes, _ = numerics.quantize(decoded, target, axis=weight.axis)
+        codes, _ = numerics.quantize(weight.values, target, axis=weight.axis)
         numerics.pack_codes(codes, target, axis=weight.axis)
         wall += time.perf_counter() - start
         cpu += time.process_time() - cpu_start
@@ -163,7 +183,7 @@ def run(
     Args:
         weights: Approximate number of weights; rounded to whole 2048 x 2048 layers.
         repeats: Timed end-to-end runs per case; the fastest is kept.
-        seed: Seed of the random codes and scales.
+        seed: Seed of the random normal weights.
         workdir: Folder for the temporary files (default: the system temp folder).
         one_core: Pin the process to one CPU core while measuring.
     """
@@ -183,8 +203,10 @@ def run(
                 (_time_retarget(anchor_path, target, out_path) for _ in range(max(1, repeats))),
                 key=lambda t: t["total_s"],
             )
-            quantize_s, quantize_cpu_s = _time_requantize(synthetic, anchor, target)
-            fp32_path = _write_fp32(folder, synthetic, anchor)
+            decoded = _decode(synthetic, anchor)
+            quantize_s, quantize_cpu_s = _time_requantize(decoded, target)
+            fp32_path = _write_fp32(folder, decoded)
+            del decoded
             requantize_file_s = _time_requantize_file(fp32_path, target, out_path)
             fp32_path.unlink()
             seconds_per_100m = timings["total_s"] * per_100m

@@ -28,12 +28,12 @@ def strip_trace_metadata(graph: ir.Graph, *, keep_debug_info: bool = False) -> N
     """Drop the exporter's metadata of nodes and values, and the types of intermediate values.
 
     The ``pkg.torch.*`` entries contain Python stack traces with local file
-    paths and FX node dumps, which leak the build machine's layout; they always
-    go. Unless ``keep_debug_info`` is set, the rest goes too: the ``namespace``
-    entry (module path of each node), the optimizer's notes and the types and
-    shapes of intermediate values and initializers. Together they take about 200 bytes per node,
-    more than 5 % of the packed weights of a small model, and ONNX Runtime and
-    the checker infer the types again.
+    paths and FX node dumps, which leak the build machine's layout, so they
+    always go. Unless ``keep_debug_info`` is set, the rest goes too: the
+    ``namespace`` entry (module path of each node), the optimizer's notes, and
+    the types and shapes of intermediate values and initializers. Together
+    they take about 200 bytes per node, more than 5 % of the packed weights of
+    a small model, and ONNX Runtime and the checker infer the types again.
     """
     values = [*graph.inputs, *graph.initializers.values()]
     for node in graph.all_nodes():

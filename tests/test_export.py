@@ -743,7 +743,11 @@ def _copy_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
         ("damaged weights", CheckpointError, "checksum"),
         ("anchor not 8-bit", AnchorFormatError, "8-bit"),
         ("anchor of other family", AnchorFormatError, "int-family"),
-        ("unknown anchor", AnchorFormatError, "unknown anchor format 'mxint9'; the anchor is one of mxint8, mxfp8_e4m3, mxfp8_e5m2"),
+        (
+            "unknown anchor",
+            AnchorFormatError,
+            "unknown anchor format 'mxint9'; the anchor is one of mxint8, mxfp8_e4m3, mxfp8_e5m2",
+        ),
         ("opset 20", ExportError, "opset 20"),
         ("output folder missing", ModelFileError, "does not exist"),
         ("output parent is a file", ModelFileError, "does not exist"),

@@ -653,9 +653,14 @@ def test_attached_body_serves_formats_of_nodes(runtime):
         feeds[f"{fmt}_scales"] = scales
         expected[fmt] = numerics.dequantize(codes, scales, fmt)
         nodes.append(
-            make_dequantize_node(f"{fmt}_codes", f"{fmt}_scales", f"{fmt}_y", fmt=fmt, axis=-1, block_size=32, axis_length=40)
+            make_dequantize_node(
+                f"{fmt}_codes", f"{fmt}_scales", f"{fmt}_y", fmt=fmt, axis=-1, block_size=32, axis_length=40
+            )
         )
-        inputs += [_value_info(f"{fmt}_codes", TensorProto.UINT8, 2), _value_info(f"{fmt}_scales", TensorProto.UINT8, 2)]
+        inputs += [
+            _value_info(f"{fmt}_codes", TensorProto.UINT8, 2),
+            _value_info(f"{fmt}_scales", TensorProto.UINT8, 2),
+        ]
         outputs.append(_value_info(f"{fmt}_y", TensorProto.FLOAT, 2))
     model = _model(nodes, inputs, outputs)
 

@@ -50,6 +50,13 @@ def anchor() -> onnx.ModelProto:
     return build_anchor_model(weights, "mxfp8_e4m3", activations="mxint8", expose_weights=True)
 
 
+@pytest.fixture
+def anchor_file(anchor, tmp_path) -> Path:
+    path = tmp_path / "anchor.onnx"
+    onnx.save(anchor, str(path))
+    return path
+
+
 def anchor_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -217,10 +224,8 @@ def test_session_options_reused(kernel_library, anchor):
     assert_same_bits(run_all(first, feed), run_all(second, feed))
 
 
-def test_model_path_input(kernel_library, anchor, tmp_path):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
-    session = open_session(path, kernels="native", prefer="memory")
+def test_model_path_input(kernel_library, anchor_file):
+    session = open_session(anchor_file, kernels="native", prefer="memory")
     assert session.execution_path == "native"
     assert set(run_all(session, anchor_inputs())) == {"fc.output", "conv.output", "fc", "conv"}
 
@@ -332,13 +337,11 @@ def test_model_without_functions_gets_bodies(kernel_library):
 # Command line
 
 
-def test_cli_random_inputs(kernel_library, anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
+def test_cli_random_inputs(kernel_library, anchor_file, tmp_path, capsys):
     assert (
         main(
             [
-                str(path),
+                str(anchor_file),
                 "--kernels",
                 "native",
                 "--batch",
@@ -360,12 +363,10 @@ def test_cli_random_inputs(kernel_library, anchor, tmp_path, capsys):
     assert "median of 2" in out
 
 
-def test_cli_given_input_and_format(kernel_library, anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
+def test_cli_given_input_and_format(kernel_library, anchor_file, tmp_path, capsys):
     x = np.zeros((4, 70), np.float32)
     np.save(tmp_path / "x.npy", x)
-    argv = [str(path), "--format", "mxfp4", "--input", f"fc.input={tmp_path / 'x.npy'}", "--repeat", "0"]
+    argv = [str(anchor_file), "--format", "mxfp4", "--input", f"fc.input={tmp_path / 'x.npy'}", "--repeat", "0"]
     assert main(argv) == 1
     out, err = capsys.readouterr()
     # A 3x3 Conv cannot run on the 1x1 default image; the report prints which dims to set.
@@ -377,13 +378,11 @@ def test_cli_given_input_and_format(kernel_library, anchor, tmp_path, capsys):
     assert "fc.input [4, 70] float32" in out
 
 
-def test_cli_reports_bad_input(anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
+def test_cli_reports_bad_input(anchor_file, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((4, 70), np.float64))
-    assert main([str(path), "--input", f"nope={tmp_path / 'x.npy'}"]) == 2
+    assert main([str(anchor_file), "--input", f"nope={tmp_path / 'x.npy'}"]) == 2
     assert "--input names ['nope'] are not model inputs" in capsys.readouterr().err
-    assert main([str(path), "--input", f"fc.input={tmp_path / 'x.npy'}"]) == 2
+    assert main([str(anchor_file), "--input", f"fc.input={tmp_path / 'x.npy'}"]) == 2
     assert "has dtype float64, the model expects float32" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.onnx")]) == 2
     assert "missing.onnx" in capsys.readouterr().err
@@ -400,33 +399,33 @@ def test_cli_reports_bad_input(anchor, tmp_path, capsys):
 
     # Given inputs are checked for rank and fixed sizes, and named once.
     np.save(tmp_path / "rank3.npy", np.zeros((4, 70, 1), np.float32))
-    assert main([str(path), "--input", f"fc.input={tmp_path / 'rank3.npy'}"]) == 2
+    assert main([str(anchor_file), "--input", f"fc.input={tmp_path / 'rank3.npy'}"]) == 2
     assert "has shape [4, 70, 1], the model expects ['any', 70]" in capsys.readouterr().err
     np.save(tmp_path / "wide.npy", np.zeros((4, 71), np.float32))
-    assert main([str(path), "--input", f"fc.input={tmp_path / 'wide.npy'}"]) == 2
+    assert main([str(anchor_file), "--input", f"fc.input={tmp_path / 'wide.npy'}"]) == 2
     assert "the model expects ['any', 70]" in capsys.readouterr().err
     twice = ["--input", f"fc.input={tmp_path / 'x.npy'}", "--input", f"fc.input={tmp_path / 'wide.npy'}"]
-    assert main([str(path), *twice]) == 2
+    assert main([str(anchor_file), *twice]) == 2
     assert "gives 'fc.input' twice" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "anchor.onnx", "config.json", "empty.onnx", "rank3.npy", "wide.npy", "x.npy",
     ]
 
 
-def test_cli_batch_and_repeat_messages(anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
-    for argv, message in ((["--batch", "0"], "--batch must be at least 1, got 0"), (["--repeat", "-1"], "--repeat must be at least 0, got -1")):
+def test_cli_batch_and_repeat_messages(anchor_file, capsys):
+    cases = (
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--repeat", "-1"], "--repeat must be at least 0, got -1"),
+    )
+    for argv, message in cases:
         with pytest.raises(SystemExit) as info:
-            main([str(path), *argv])
+            main([str(anchor_file), *argv])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
 
 
-def test_cli_saves_outputs(anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
-    argv = [str(path), "--dim", "conv.h=4", "--dim", "conv.w=4", "--repeat", "0", "--seed", "3"]
+def test_cli_saves_outputs(anchor_file, tmp_path, capsys):
+    argv = [str(anchor_file), "--dim", "conv.h=4", "--dim", "conv.w=4", "--repeat", "0", "--seed", "3"]
     out_file = tmp_path / "out.npz"
     assert main([*argv, "--save-outputs", str(out_file)]) == 0
     assert "outputs saved to" in capsys.readouterr().out
@@ -435,7 +434,7 @@ def test_cli_saves_outputs(anchor, tmp_path, capsys):
     assert out_file.stat().st_mode & 0o777 == 0o666 & ~umask
 
     # The saved arrays are what a session on the same seeded inputs computes.
-    session = open_session(path)
+    session = open_session(anchor_file)
     feed = make_inputs(session, {}, batch=1, named_dims={"conv.h": 4, "conv.w": 4}, seed=3)
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
     with np.load(out_file) as saved:
@@ -454,14 +453,12 @@ def test_cli_saves_outputs(anchor, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["anchor.onnx", "out.npz"]
 
 
-def test_cli_notes_unused_batch_and_memory_fallback(anchor, tmp_path, capsys):
-    path = tmp_path / "anchor.onnx"
-    onnx.save(anchor, str(path))
+def test_cli_notes_unused_batch_and_memory_fallback(anchor_file, tmp_path, capsys):
     feeds = []
     for name, shape in (("fc.input", (2, 70)), ("conv.input", (2, 40, 4, 4))):
         np.save(tmp_path / f"{name}.npy", np.zeros(shape, np.float32))
         feeds += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
-    argv = [str(path), *feeds, "--repeat", "0", "--kernels", "functions"]
+    argv = [str(anchor_file), *feeds, "--repeat", "0", "--kernels", "functions"]
     assert main([*argv, "--batch", "8", "--prefer", "memory"]) == 0
     out = capsys.readouterr().out
     assert "--batch is not used: every input was given with --input" in out

@@ -12,10 +12,9 @@ intermediates at the size of the decoded tensor for every width from 2 to 8
 bits.
 
 Decoding is ``table[code] * 2^(byte - 127)``, one float32 product, with both
-factors gathered from exact constant tables (byte 0xFF gives NaN). When every
-format the body serves has 8-bit codes, each byte is a code and the unpacking
-is left out. The padded
-tail of a partial last block is sliced off at the end.
+factors gathered from exact constant tables (byte 0xFF gives NaN). The padded
+tail of a partial last block is sliced off at the end. When every format the
+body serves has 8-bit codes, each byte is a code and the unpacking is left out.
 """
 
 from __future__ import annotations
